@@ -1,0 +1,3 @@
+"""dpo_ds: DeepSpeed-native Direct Preference Optimization."""
+
+__version__ = "0.1.0"

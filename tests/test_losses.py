@@ -167,7 +167,8 @@ def test_f_divergences(kind, fdiv):
 
 def test_alpha_divergence_at_one_is_reverse_kl():
     pc, pr, rc, rr, lc, lr = make_pairs(seed=3)
-    alpha_one = loss_of("sigmoid", pc, pr, rc, rr, lc, lr, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)
+    alpha_one = loss_of("sigmoid", pc, pr, rc, rr, lc, lr, f_divergence_type="alpha_divergence",
+                        f_alpha_divergence_coef=1.0)
     assert_close(alpha_one, reference_losses("sigmoid", *lists(pc, pr, rc, rr, lc, lr)))
 
 

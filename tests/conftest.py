@@ -1,0 +1,64 @@
+"""Shared fixtures: the built-in tokenizer and model, and tiny real models built from config."""
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+
+from dpo_ds.models import builtin_model_dir as _builtin_model_dir  # noqa: E402
+from dpo_ds.models import load_tokenizer  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s; deselect with -m 'not slow'")
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir() -> str:
+    """The converted SmolLM2-135M-Instruct directory (converted once, cached in DPO_DS_CACHE)."""
+    return _builtin_model_dir()
+
+
+@pytest.fixture(scope="session")
+def builtin_tokenizer(builtin_model_dir):
+    return load_tokenizer("builtin")
+
+
+def _save_tiny(config, tokenizer, path) -> str:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _tiny_sizes(tokenizer) -> dict:
+    return dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, builtin_tokenizer) -> str:
+    """A 2-layer Llama (hidden 32, tied embeddings) with the built-in tokenizer, saved as a model dir."""
+    config = LlamaConfig(tie_word_embeddings=True, **_tiny_sizes(builtin_tokenizer))
+    return _save_tiny(config, builtin_tokenizer, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory, builtin_tokenizer) -> str:
+    """A 2-layer Qwen2 (hidden 32, untied embeddings, q/k/v biases) with the built-in tokenizer."""
+    config = Qwen2Config(tie_word_embeddings=False, **_tiny_sizes(builtin_tokenizer))
+    return _save_tiny(config, builtin_tokenizer, tmp_path_factory.mktemp("tiny_qwen"))

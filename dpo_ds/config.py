@@ -209,8 +209,8 @@ class DPOConfig:
     """Optimizer steps between evaluations; None = logging_steps."""
     eval_strategy: str = "steps"
     """When to evaluate: no or steps."""
-    save_steps: int = 500
-    """Optimizer steps between checkpoints."""
+    save_steps: Optional[int] = 500
+    """Optimizer steps between checkpoints; none = no checkpoints during training (the final export still happens)."""
     save_total_limit: Optional[int] = None
     """Keep at most this many checkpoints (oldest deleted first); None = keep all."""
     resume_from_checkpoint: Optional[str] = None

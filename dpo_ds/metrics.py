@@ -76,17 +76,24 @@ class MeanAccumulator:
         self._counts.clear()
 
 
-def pair_metrics(acc: MeanAccumulator, out: LossOutput, policy: PairLogps, prefix: str = "") -> None:
-    """Add the pair-weighted metrics of one micro-batch: ``loss``, ``rewards/*``, ``logps/*``."""
-    pairs = float(out.per_pair.numel())
+def pair_metrics(
+    acc: MeanAccumulator, out: LossOutput, policy: PairLogps, prefix: str = "", weights: Optional[Tensor] = None
+) -> None:
+    """Add the pair-weighted metrics of one micro-batch: ``loss``, ``rewards/*``, ``logps/*``.
+
+    ``weights [B]`` (default all 1) lets a batch carry filler pairs that must not count (weight 0),
+    e.g. the padding that keeps every rank's eval batch count equal.
+    """
     chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
-    acc.add(prefix + "loss", out.loss.detach() * pairs, pairs)
-    acc.add(prefix + "rewards/chosen", chosen.sum(), pairs)
-    acc.add(prefix + "rewards/rejected", rejected.sum(), pairs)
-    acc.add(prefix + "rewards/accuracies", (chosen > rejected).sum(), pairs)
-    acc.add(prefix + "rewards/margins", (chosen - rejected).sum(), pairs)
-    acc.add(prefix + "logps/chosen", policy.chosen.detach().sum(), pairs)
-    acc.add(prefix + "logps/rejected", policy.rejected.detach().sum(), pairs)
+    w = torch.ones_like(chosen) if weights is None else weights.to(chosen.device, chosen.dtype)
+    pairs = w.sum()
+    acc.add(prefix + "loss", (out.per_pair.detach() * w).sum(), pairs)
+    acc.add(prefix + "rewards/chosen", (chosen * w).sum(), pairs)
+    acc.add(prefix + "rewards/rejected", (rejected * w).sum(), pairs)
+    acc.add(prefix + "rewards/accuracies", ((chosen > rejected) * w).sum(), pairs)
+    acc.add(prefix + "rewards/margins", ((chosen - rejected) * w).sum(), pairs)
+    acc.add(prefix + "logps/chosen", (policy.chosen.detach() * w).sum(), pairs)
+    acc.add(prefix + "logps/rejected", (policy.rejected.detach() * w).sum(), pairs)
 
 
 def token_metrics(

@@ -26,7 +26,7 @@ from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
 from .engines import Engines, build_policy_engine, build_reference_engine, load_for_engine
 from .losses import PairLogps, compute_loss, needs_reference
-from .metrics import MeanAccumulator, MetricsSink
+from .metrics import MeanAccumulator, MetricsSink, pair_metrics, token_metrics
 from .models import disable_dropout, load_model, load_tokenizer, resolve_model_path
 from .ops import sequence_logps
 
@@ -198,22 +198,17 @@ class DPOTrainer:
 
     @staticmethod
     def _add_metrics(acc, loss_out, pol, out, mask, weights) -> None:
-        w = weights.to(torch.float32)
-        n = w.sum()
-        margins = loss_out.chosen_rewards - loss_out.rejected_rewards
-        acc.add("loss", (loss_out.per_pair.detach() * w).sum(), n)
-        acc.add("rewards/chosen", (loss_out.chosen_rewards * w).sum(), n)
-        acc.add("rewards/rejected", (loss_out.rejected_rewards * w).sum(), n)
-        acc.add("rewards/accuracies", ((margins > 0).float() * w).sum(), n)
-        acc.add("rewards/margins", (margins * w).sum(), n)
-        acc.add("logps/chosen", (pol.chosen.detach() * w).sum(), n)
-        acc.add("logps/rejected", (pol.rejected.detach() * w).sum(), n)
-        token_w = mask * w.repeat(2).unsqueeze(1)
+        pair_metrics(acc, loss_out, pol, weights=weights)
+        token_w = mask * weights.to(mask.device, mask.dtype).repeat(2).unsqueeze(1)
         cw, rw = token_w.chunk(2)
-        acc.add("entropy", (out.entropy * token_w).sum(), token_w.sum())
-        acc.add("mean_token_accuracy", (out.top1.chunk(2)[0].float() * cw).sum(), cw.sum())
-        acc.add("logits/chosen", (out.mean_logits.chunk(2)[0] * cw).sum(), cw.sum())
-        acc.add("logits/rejected", (out.mean_logits.chunk(2)[1] * rw).sum(), rw.sum())
+        chosen_logits, rejected_logits = out.mean_logits.chunk(2)
+        token_metrics(
+            acc,
+            entropy_sum=(out.entropy * token_w).sum(), entropy_count=token_w.sum(),
+            top1_sum=(out.top1.chunk(2)[0] * cw).sum(), top1_count=cw.sum(),
+            chosen_logit_sum=(chosen_logits * cw).sum(), chosen_count=cw.sum(),
+            rejected_logit_sum=(rejected_logits * rw).sum(), rejected_count=rw.sum(),
+        )
 
     def _loader(self, data, indices: list[int], batch_size: int) -> DataLoader:
         real = [i if i >= 0 else 0 for i in indices]

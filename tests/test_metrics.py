@@ -193,3 +193,18 @@ def test_report_to_all_uses_installed_trackers_silently(tmp_path, caplog, monkey
 def test_unknown_report_to_raises(tmp_path):
     with pytest.raises(ValueError, match="report_to.*mlflow"):
         MetricsSink(tmp_path, report_to=["mlflow"])
+
+
+def test_pair_metrics_weights_exclude_filler_pairs():
+    """A pair with weight 0 (eval padding) changes no pair metric; the others are exact means."""
+    out = LossOutput(torch.tensor(0.0), torch.tensor([1.0, 3.0, 100.0]), torch.tensor([0.5, -1.0, 9.0]),
+                     torch.tensor([0.0, 1.0, -9.0]))
+    policy = PairLogps(torch.tensor([-1.0, -3.0, 50.0]), torch.tensor([-2.0, -2.0, 50.0]),
+                       torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0]))
+    acc = MeanAccumulator()
+    pair_metrics(acc, out, policy, weights=torch.tensor([1.0, 1.0, 0.0]))
+    got = acc.reduce()
+    assert got["loss"] == 2.0
+    assert got["rewards/accuracies"] == 0.5  # 0.5 > 0 wins, -1 < 1 loses; the filler's win is ignored
+    assert got["rewards/margins"] == (0.5 + -2.0) / 2
+    assert got["logps/chosen"] == -2.0 and got["logps/rejected"] == -2.0

@@ -1,0 +1,110 @@
+"""CPU backend: `csrc/logprobs_cpu.cpp`, compiled with the host compiler on first use.
+
+The build lands in `$DPO_DS_CACHE/torch_extensions/` (torch's extension root
+otherwise) under a name that hashes the sources, flags, torch and CPU, so a
+stale or foreign build is never loaded. A file lock (`fcntl.flock`, released by
+the kernel if a builder dies) serializes ranks that build at once; the others
+then load the finished library. If it cannot be built, the first caller gets
+one warning and dispatch uses the torch reference.
+"""
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from . import fused
+from .types import LogProbs
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
+SOURCES = ("logprobs_cpu.cpp",)
+TILE_ROWS = 1024
+TILE_COLS = 4096
+
+
+def csrc_dir() -> Path:
+    """The kernel sources: inside the package when installed, else the repository's csrc/."""
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package / "csrc", package.parent / "csrc"):
+        if (candidate / SOURCES[0]).is_file():
+            return candidate
+    raise fused.BackendUnavailable(f"kernel sources not found: no {SOURCES[0]} in {package}/csrc or {package.parent}/csrc")
+
+
+def build_root() -> Path:
+    cache = os.environ.get("DPO_DS_CACHE")
+    if cache:
+        return Path(cache) / "torch_extensions"
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root())
+
+
+def _cpu_signature() -> str:
+    """CPU model and feature flags: `-march=native` code must not load on another CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("flags", "model name", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(keep))
+
+
+def build_extension(name: str, sources: list[Path], signature: str, **load_kwargs):
+    """Compile (or reuse) a torch extension whose name carries a hash of everything that shapes it."""
+    from torch.utils.cpp_extension import load
+
+    digest = hashlib.sha256()
+    for part in (*[s.read_bytes() for s in sources], signature.encode(), repr(sorted(load_kwargs.items())).encode(),
+                 torch.__version__.encode(), platform.python_version().encode()):
+        digest.update(part)
+    full_name = f"{name}_{digest.hexdigest()[:16]}"
+    directory = build_root() / full_name
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(build_root() / f"{full_name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # Holding our lock, a leftover torch build baton can only be from a builder that died.
+            (directory / "lock").unlink(missing_ok=True)
+            return load(name=full_name, sources=[str(s) for s in sources], build_directory=str(directory),
+                        verbose=False, **load_kwargs)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> fused.Kernels | fused.BackendUnavailable:
+    """Build once per process; a failure is remembered too, so it is neither retried nor re-reported."""
+    try:
+        src = csrc_dir()
+        mod = build_extension("dpo_ds_logprobs_cpu", [src / s for s in SOURCES], _cpu_signature(),
+                              extra_cflags=CFLAGS, extra_ldflags=LDFLAGS)
+    except fused.BackendUnavailable as err:
+        return err
+    except Exception as err:  # a compiler error, a missing toolchain, a read-only cache, ...
+        return fused.BackendUnavailable(f"the cpp log-prob extension could not be built: {err}")
+    return fused.Kernels("cpp", "cpu", mod.fold, mod.grad, TILE_ROWS, TILE_COLS)
+
+
+def kernels() -> fused.Kernels:
+    """The compiled CPU kernels; raises BackendUnavailable (with the compiler's reason) if they cannot be built."""
+    loaded = _load()
+    if isinstance(loaded, fused.BackendUnavailable):
+        raise fused.BackendUnavailable(str(loaded))
+    return loaded
+
+
+def logits_logprobs(logits, labels, **kwargs) -> LogProbs:
+    """`dpo_ds.ops.logits_logprobs` on the CPU extension."""
+    return fused.logits_logprobs(kernels(), logits, labels, **kwargs)
+
+
+def linear_logprobs(hidden, weight, labels, bias=None, **kwargs) -> LogProbs:
+    """`dpo_ds.ops.linear_logprobs` on the CPU extension (ATen matmul per tile)."""
+    return fused.linear_logprobs(kernels(), hidden, weight, labels, bias, **kwargs)

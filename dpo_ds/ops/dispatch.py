@@ -1,32 +1,89 @@
-"""Pick the log-prob backend. Only the torch reference exists so far.
+"""Pick the log-prob backend for the inputs at hand.
 
-`DPO_DS_LOGPROB_BACKEND` forces a backend (`torch`, or unset, for the reference);
-fused backends are added here when they land.
+By default: CPU tensors use the compiled C++ extension (`cpp`), CUDA tensors
+the Triton kernels, else the CUDA extension; anything the fused backends do not
+take (float64, other devices) and any backend that cannot be built here falls
+back to the torch reference, with one warning per unavailable backend.
+`DPO_DS_LOGPROB_BACKEND=torch|cpp|cuda|triton` forces one backend and fails
+with the reason when it cannot run.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import os
+import warnings
 from types import ModuleType
+from typing import Optional
+
+from torch import Tensor
 
 from . import reference
+from .fused import DTYPES, BackendUnavailable
 from .types import LogProbs
 
 BACKEND_ENV = "DPO_DS_LOGPROB_BACKEND"
+BACKENDS = {"torch": "reference", "cpp": "cpp", "cuda": "cuda", "triton": "triton_ops"}
+"""Backend name -> module in dpo_ds.ops."""
+PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
+"""Fused backends to try, fastest first, per device type."""
+
+_warned: set[str] = set()
 
 
-def _backend() -> ModuleType:
-    name = os.environ.get(BACKEND_ENV, "") or "torch"
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__package__}.{BACKENDS[name]}")
+
+
+def _ready(name: str) -> Optional[str]:
+    """None if backend `name` can run here, else why not."""
     if name == "torch":
-        return reference
-    raise RuntimeError(f"{BACKEND_ENV}={name!r}: that log-prob backend is not available yet; use 'torch' or unset it")
+        return None
+    try:
+        _module(name).kernels()
+    except BackendUnavailable as err:
+        return str(err)
+    return None
+
+
+def available_backends() -> dict[str, Optional[str]]:
+    """Every backend name -> None if it can run here, else the reason it cannot (builds what it must)."""
+    return {name: _ready(name) for name in BACKENDS}
+
+
+def backend_for(*tensors: Optional[Tensor]) -> str:
+    """The backend name that `logits_logprobs`/`linear_logprobs` use for these inputs."""
+    forced = os.environ.get(BACKEND_ENV, "")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r} is not a log-prob backend; choose one of {sorted(BACKENDS)}")
+        reason = _ready(forced)
+        if reason is not None:
+            raise RuntimeError(f"{BACKEND_ENV}={forced!r}, but that backend is not available: {reason}")
+        return forced
+    present = [t for t in tensors if t is not None]
+    device = present[0].device.type
+    if any(t.dtype not in DTYPES for t in present):
+        return "torch"
+    for name in PREFERENCE.get(device, ()):
+        reason = _ready(name)
+        if reason is None:
+            return name
+        if name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"dpo_ds: the {name} log-prob backend is unavailable ({reason}); falling back to the next "
+                          "backend (the torch reference last)",
+                          RuntimeWarning, stacklevel=3)
+    return "torch"
 
 
 @functools.wraps(reference.logits_logprobs)
-def logits_logprobs(*args, **kwargs) -> LogProbs:
-    return _backend().logits_logprobs(*args, **kwargs)
+def logits_logprobs(logits: Tensor, labels: Tensor, **kwargs) -> LogProbs:
+    return _module(backend_for(logits)).logits_logprobs(logits, labels, **kwargs)
 
 
 @functools.wraps(reference.linear_logprobs)
-def linear_logprobs(*args, **kwargs) -> LogProbs:
-    return _backend().linear_logprobs(*args, **kwargs)
+def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                    **kwargs) -> LogProbs:
+    return _module(backend_for(hidden, weight, bias)).linear_logprobs(hidden, weight, labels, bias, **kwargs)
+

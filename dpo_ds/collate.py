@@ -1,0 +1,58 @@
+"""Batches of preference pairs: B rows -> one padded [2B, T] batch (chosen rows, then rejected rows).
+
+Truncation happens in ``dpo_ds.data``; the collator only concatenates and pads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PreferenceCollator:
+    """Pad ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids`` into one batch.
+
+    Returns long tensors ``input_ids``, ``attention_mask`` and
+    ``completion_mask`` of shape ``[2B, T]`` (row ``i`` is pair ``i``'s chosen
+    sequence, row ``B + i`` its rejected one; ``completion_mask`` is 1 on
+    completion tokens only), plus ``row_index [B]`` when the rows carry it (the
+    key of the precomputed-reference cache). ``T`` is the longest sequence,
+    rounded up to ``pad_to_multiple_of``; ``padding_side="left"`` puts the
+    padding before the tokens (as generation-style batches expect).
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("cannot collate an empty list of rows")
+        sequences, completion_lengths = [], []
+        for part in ("chosen_ids", "rejected_ids"):
+            for row in rows:
+                sequences.append(list(row["prompt_ids"]) + list(row[part]))
+                completion_lengths.append(len(row[part]))
+        width = max(len(seq) for seq in sequences)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, (seq, n_completion) in enumerate(zip(sequences, completion_lengths)):
+            start = width - len(seq) if self.padding_side == "left" else 0
+            end = start + len(seq)
+            input_ids[i, start:end] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, start:end] = 1
+            completion_mask[i, end - n_completion:end] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        if "row_index" in rows[0]:
+            batch["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)
+        return batch

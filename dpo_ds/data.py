@@ -1,0 +1,706 @@
+"""Preference data: load a source, check every row, tokenize, truncate, report.
+
+A row is ``{prompt?, chosen, rejected, tools?, chat_template_kwargs?}`` in one of
+the formats TRL accepts:
+
+- standard: ``prompt``/``chosen``/``rejected`` are strings;
+- conversational: they are lists of ``{"role", "content"}`` messages, rendered
+  with the tokenizer's chat template (``tools`` and per-row
+  ``chat_template_kwargs`` are passed to it);
+- explicit prompt (a ``prompt`` of the same kind as ``chosen``) or implicit
+  prompt (none, or one of the other kind, which TRL ignores too: the prompt
+  is the common prefix of ``chosen`` and ``rejected``, see
+  ``_split_common_prefix``).
+
+The format is decided per row, so one file may mix standard and
+conversational rows; the report counts rows per format.
+
+Each row becomes ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and
+``row_index`` (its position in the source split, for error messages and the
+precomputed-reference cache). The prompt is tokenized once and the completion
+ids start exactly where the prompt ids end (see ``_tokenize_standard`` and
+``_tokenize_conversation`` for the boundary cases).
+
+Truncation, in this order (``None`` disables a limit):
+
+1. ``max_prompt_length``: a longer prompt keeps its last tokens (the end of the
+   prompt, next to the completion, holds the generation prompt), whatever the
+   ``truncation_mode``.
+2. ``max_completion_length``: a longer completion keeps its first tokens.
+3. ``max_length`` bounds prompt + completion, for chosen and rejected alike:
+
+   - ``keep_start`` (TRL's default: keep the start of the sequence, cut its
+     end): each completion is cut to ``max_length - len(prompt)`` tokens. A row
+     whose prompt alone has ``max_length`` tokens or more would keep no
+     completion token and is dropped (``prompt_exceeds_max_length``), as TRL
+     does.
+   - ``keep_end`` (keep the end of the sequence, cut its start): the prompt
+     loses its first tokens until the longer completion fits; chosen and
+     rejected keep the same prompt so that their log-ratios share one context
+     (TRL cuts each sequence on its own). A row whose longer completion leaves
+     no room for any prompt token is dropped (``completion_exceeds_max_length``).
+
+Bad rows (wrong types, empty or identical completions, malformed messages,
+unknown roles, invalid ``tools`` JSON, templates that fail) raise one
+``DataError`` listing them when ``on_bad_row="error"``, or are dropped and
+counted when ``on_bad_row="skip"``.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import (
+    Dataset,
+    DatasetDict,
+    Features,
+    List,
+    Value,
+    load_dataset,
+    load_from_disk,
+)
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+REQUIRED_COLUMNS = ("chosen", "rejected")
+OPTIONAL_COLUMNS = ("prompt", "tools", "chat_template_kwargs")
+# apply_chat_template arguments that this module sets itself.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "tools", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict"}
+)
+LENGTH_REASONS = ("prompt_exceeds_max_length", "completion_exceeds_max_length")
+MAX_LISTED_ROWS = 10
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+_TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
+JSON_COLUMN = "_json"  # the one column of a local JSON file: each row as JSON text
+_HELPER_COLUMNS = (
+    "_format", "_drop", "_drop_column", "_drop_detail", "_boundary_fix", "_cut_prompt", "_cut_chosen", "_cut_rejected"
+)
+_FEATURES = Features(
+    {
+        "row_index": Value("int64"),
+        "prompt_ids": List(Value("int32")),
+        "chosen_ids": List(Value("int32")),
+        "rejected_ids": List(Value("int32")),
+        "_format": Value("string"),
+        "_drop": Value("string"),
+        "_drop_column": Value("string"),
+        "_drop_detail": Value("string"),
+        "_boundary_fix": Value("bool"),
+        "_cut_prompt": Value("bool"),
+        "_cut_chosen": Value("bool"),
+        "_cut_rejected": Value("bool"),
+    }
+)
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as given; the message says where and why."""
+
+
+@dataclass
+class DataReport:
+    """What preprocessing did to one split (rows, drops, format, lengths)."""
+
+    split: str
+    format: str
+    rows_read: int
+    rows_kept: int
+    dropped: dict[str, int]
+    boundary_fixes: int
+    truncated: dict[str, int]
+    prompt_lengths: list[int] = field(repr=False)
+    chosen_lengths: list[int] = field(repr=False)
+    rejected_lengths: list[int] = field(repr=False)
+    problems: list[str] = field(default_factory=list)
+
+    def percentiles(self) -> dict[str, dict[str, int]]:
+        """p50/p90/p99/max token lengths of kept rows (nearest-rank), per part."""
+        parts = {"prompt": self.prompt_lengths, "chosen": self.chosen_lengths, "rejected": self.rejected_lengths}
+        return {name: _percentiles(lengths) for name, lengths in parts.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready counts and percentiles, without the per-row length lists."""
+        out = {k: v for k, v in asdict(self).items() if not k.endswith("_lengths")}
+        out["lengths"] = self.percentiles()
+        return out
+
+
+@dataclass
+class PreferenceData:
+    """Tokenized train (and optional eval) splits with their reports."""
+
+    train: Dataset
+    train_report: DataReport
+    eval: Dataset | None = None
+    eval_report: DataReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Everything the per-row function needs besides the tokenizer (hashed into the cache fingerprint)."""
+
+    eos_token: str | None
+    max_length: int | None
+    max_prompt_length: int | None
+    max_completion_length: int | None
+    truncation_mode: str
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, column: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.column, self.detail = reason, column, detail
+
+
+def load_preference_data(args: Any, tokenizer: Any) -> PreferenceData:
+    """Load ``args.dataset_name``, tokenize train/eval as configured, fail on bad rows or drop them."""
+    train_raw, eval_raw, notes = load_raw_splits(args)
+    parts = {name: _process(ds, tokenizer, args, name)
+             for name, ds in (("train", train_raw), ("eval", eval_raw)) if ds is not None}
+    _check_bad_rows(parts, args.on_bad_row)
+    if "eval" not in parts and args.eval_fraction:
+        try:
+            split = parts["train"].train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        except ValueError as exc:
+            raise DataError(f"cannot hold out eval_fraction={args.eval_fraction} of the train split: {exc}") from exc
+        parts = {"train": split["train"], "eval": split["test"]}
+    done = {name: _finish(ds, name) for name, ds in parts.items()}
+    train, train_report = done["train"]
+    eval_ds, eval_report = done.get("eval", (None, None))
+    return PreferenceData(train, train_report, eval_ds, eval_report, notes)
+
+
+def prepare_dataset(dataset: Dataset, tokenizer: Any, args: Any, split: str = "train") -> tuple[Dataset, DataReport]:
+    """Tokenize an already loaded split (e.g. a ``Dataset`` handed to the trainer)."""
+    processed = _process(dataset, tokenizer, args, split)
+    _check_bad_rows({split: processed}, args.on_bad_row)
+    return _finish(processed, split)
+
+
+def load_raw_splits(args: Any) -> tuple[Dataset, Dataset | None, list[str]]:
+    """The raw train split, the raw eval split, and notes for the user.
+
+    The eval split is ``dataset_test_split`` when training evaluates
+    (``eval_strategy != "no"``) and ``eval_fraction`` is 0; otherwise ``None``
+    (``eval_fraction`` is then held out of train after tokenization). A source
+    without split names (one data file, a saved ``Dataset``) is the train
+    split and has no eval split, which the notes say.
+    """
+    data = _load_source(args.dataset_name, args.dataset_config)
+    test_split = args.dataset_test_split if args.eval_strategy != "no" and not args.eval_fraction else None
+    if isinstance(data, Dataset):
+        notes = [f"{args.dataset_name} is a single split, with no {test_split!r} split to evaluate on "
+                 "(set eval_fraction to hold out part of it)"] if test_split else []
+        return data, None, notes
+    train = _pick_split(data, args.dataset_train_split, args.dataset_name)
+    return train, (_pick_split(data, test_split, args.dataset_name) if test_split else None), []
+
+
+def check_columns(dataset: Dataset) -> None:
+    """Fail unless the dataset (or the first row of a local JSON file) has the columns every row needs."""
+    columns = dataset.column_names
+    if columns == [JSON_COLUMN]:
+        first = next((row for row in map(_parse_json, dataset[:100][JSON_COLUMN]) if isinstance(row, dict)), {})
+        columns = list(first)
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(
+            f"the dataset has no column {', '.join(map(repr, missing))}: it has columns {columns}; "
+            f"expected {list(REQUIRED_COLUMNS)} and optionally {list(OPTIONAL_COLUMNS)}"
+        )
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _load_source(name: str, config: str | None) -> Dataset | DatasetDict:
+    """Dispatch on the source kind: builtin, data file, ``save_to_disk`` directory, else hub name / data dir."""
+    if name == "builtin":
+        from dpo_ds.builtin import dataset_files
+
+        return DatasetDict({split: _json_dataset(path) for split, path in dataset_files().items()})
+    path = Path(name)
+    suffix = path.suffix.lower()
+    if suffix in _FILE_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"dataset file {name} does not exist")
+        if suffix in (".json", ".jsonl"):
+            return _json_dataset(str(path))
+        if suffix == ".csv":
+            _check_utf8(str(path))
+        return _guarded_load(name, lambda: load_dataset(suffix[1:], data_files=str(path), split="train"))
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return _guarded_load(name, lambda: load_from_disk(str(path)))
+    if path.is_dir():
+        for data_file in sorted(p for p in path.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES):
+            _check_utf8(str(data_file))
+    return _guarded_load(name, lambda: load_dataset(name, config))
+
+
+def _guarded_load(name: str, load: Any) -> Dataset | DatasetDict:
+    """Run a datasets loader; turn its failure into a DataError naming the source."""
+    try:
+        return load()
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, DatasetGenerationError, ...)
+        raise DataError(f"cannot load dataset {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def _json_dataset(path: str) -> Dataset:
+    """A local JSON Lines file or JSON array as one JSON-text column, decoded row by row in ``_process_row``.
+
+    datasets' own JSON loader stores a column that mixes strings and lists
+    (standard and conversational rows in one file) with its ``Json`` type,
+    which reads back strings that look like JSON as numbers (" 84." -> 84.0).
+    The file's size and mtime are generator arguments so that the cache
+    follows the file's content.
+    """
+    _check_utf8(path)
+    stat = os.stat(path)
+    return _guarded_load(path, lambda: Dataset.from_generator(
+        _json_records,
+        features=Features({JSON_COLUMN: Value("string")}),
+        gen_kwargs={"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+    ))
+
+
+def _json_records(path: str, size: int, mtime_ns: int) -> Iterator[dict[str, str]]:
+    with open(path, encoding="utf-8") as handle:
+        if handle.read(4096).lstrip().startswith("["):
+            handle.seek(0)
+            for record in json.load(handle):
+                yield {JSON_COLUMN: json.dumps(record)}
+            return
+        handle.seek(0)
+        for line in handle:
+            if line.strip():
+                yield {JSON_COLUMN: line}
+
+
+def _check_utf8(path: str) -> None:
+    offset = 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"dataset file {path} is not UTF-8 text (invalid byte at offset {offset + exc.start})"
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
+def _pick_split(data: DatasetDict, split: str, name: str) -> Dataset:
+    if split not in data:
+        raise DataError(
+            f"dataset {name!r} has no split {split!r}; it has splits {list(data)}. Set dataset_train_split / "
+            "dataset_test_split to one of them (dataset_test_split none: no evaluation), or eval_fraction "
+            "to hold out part of the train split"
+        )
+    return data[split]
+
+
+def _process(dataset: Dataset, tokenizer: Any, args: Any, split: str) -> Dataset:
+    """Check and tokenize every row (one cached ``map``); bad and too-long rows are kept, marked in ``_drop``."""
+    check_columns(dataset)
+    if args.truncation_mode not in ("keep_start", "keep_end"):
+        raise DataError(f"truncation_mode must be 'keep_start' or 'keep_end', got {args.truncation_mode!r}")
+    spec = _Spec(
+        eos_token=tokenizer.eos_token,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        max_completion_length=args.max_completion_length,
+        truncation_mode=args.truncation_mode,
+    )
+    return dataset.map(
+        _process_row,
+        with_indices=True,
+        fn_kwargs={"tokenizer": tokenizer, "spec": spec},
+        remove_columns=dataset.column_names,
+        features=_FEATURES,
+        num_proc=args.dataset_num_proc,
+        desc=f"Tokenizing {split} split",
+    )
+
+
+def _check_bad_rows(parts: dict[str, Dataset], on_bad_row: str) -> None:
+    """With ``on_bad_row="error"``, raise one DataError listing the first bad rows of all splits."""
+    if on_bad_row == "skip":
+        return
+    if on_bad_row != "error":
+        raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    problems, total = [], 0
+    for split, ds in parts.items():
+        found, count = _bad_rows(ds, split)
+        problems += found
+        total += count
+    if total:
+        listed = "\n".join(f"  {line}" for line in problems[:MAX_LISTED_ROWS])
+        raise DataError(
+            f"{total} bad row(s) in the dataset (first {min(total, MAX_LISTED_ROWS)} below); fix them, "
+            f"or set on_bad_row=skip to drop them:\n{listed}"
+        )
+
+
+def _bad_rows(ds: Dataset, split: str) -> tuple[list[str], int]:
+    """(first descriptions, total count) of rows dropped for a data problem, not for length."""
+    table = ds.select_columns(["row_index", "_drop", "_drop_column", "_drop_detail"]).with_format("arrow")[:]
+    problems, count = [], 0
+    for row_index, reason, column, detail in zip(*(table[c].to_pylist() for c in table.column_names)):
+        if reason and reason not in LENGTH_REASONS:
+            count += 1
+            if len(problems) < MAX_LISTED_ROWS:
+                problems.append(f"{split} row {row_index}, column {column!r}: {reason}: {detail}")
+    return problems, count
+
+
+def _finish(ds: Dataset, split: str) -> tuple[Dataset, DataReport]:
+    """Report on the processed split, then keep the usable rows and the output columns."""
+    report = _report(ds, split)
+    kept = ds.filter(_is_kept, input_columns="_drop", batched=True, desc=f"Dropping unusable {split} rows")
+    return kept.remove_columns(list(_HELPER_COLUMNS)), report
+
+
+def _is_kept(drops: list[str]) -> list[bool]:
+    return [not reason for reason in drops]
+
+
+def _report(ds: Dataset, split: str) -> DataReport:
+    table = ds.select_columns(list(_FEATURES)).with_format("arrow")[:]
+    col = {name: table[name].to_pylist() for name in _HELPER_COLUMNS}
+    kept = [not reason for reason in col["_drop"]]
+    dropped: dict[str, int] = {}
+    for reason in col["_drop"]:
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+
+    def lengths(name: str) -> list[int]:
+        return [len(ids) for ids, keep in zip(table[name].to_pylist(), kept) if keep]
+
+    return DataReport(
+        split=split,
+        format=_describe_formats(col["_format"]),
+        rows_read=len(kept),
+        rows_kept=sum(kept),
+        dropped=dropped,
+        boundary_fixes=sum(col["_boundary_fix"]),
+        truncated={part: sum(col[f"_cut_{part}"]) for part in ("prompt", "chosen", "rejected")},
+        prompt_lengths=lengths("prompt_ids"),
+        chosen_lengths=lengths("chosen_ids"),
+        rejected_lengths=lengths("rejected_ids"),
+        problems=_bad_rows(ds, split)[0],
+    )
+
+
+def _describe_formats(formats: list[str]) -> str:
+    """"standard, explicit prompt" for a uniform split; each format with its row count for a mixed one."""
+    counts: dict[str, int] = {}
+    for fmt in formats:
+        if fmt:
+            counts[fmt] = counts.get(fmt, 0) + 1
+    if len(counts) <= 1:
+        return next(iter(counts), "none")
+    return "; ".join(f"{fmt} ({n} rows)" for fmt, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _percentiles(lengths: list[int]) -> dict[str, int]:
+    ordered = sorted(lengths)
+    if not ordered:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    rank = {p: ordered[max(math.ceil(p / 100 * len(ordered)), 1) - 1] for p in (50, 90, 99)}
+    return {"p50": rank[50], "p90": rank[90], "p99": rank[99], "max": ordered[-1]}
+
+
+def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec) -> dict:
+    out = {"row_index": index, "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "_format": "", "_drop": "",
+           "_drop_column": "", "_drop_detail": "", "_boundary_fix": False,
+           "_cut_prompt": False, "_cut_chosen": False, "_cut_rejected": False}
+    try:
+        if JSON_COLUMN in row:
+            row = _json_row(row[JSON_COLUMN])
+        conversational = _is_conversational(row)
+        prompt = row.get("prompt")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise _BadRow("wrong_type", "prompt", f"expected text or a list of messages, got {_type_name(prompt)}")
+        explicit = isinstance(prompt, list if conversational else str)
+        tokenize = _tokenize_conversation if conversational else _tokenize_standard
+        prompt_ids, chosen_ids, rejected_ids, fixed = tokenize(row, explicit, tokenizer, spec)
+        out["_format"] = _format_name(row, conversational, explicit)
+        out["_boundary_fix"] = fixed
+        out.update(_truncate(prompt_ids, chosen_ids, rejected_ids, spec))
+    except _BadRow as bad:
+        out.update(_drop=bad.reason, _drop_column=bad.column, _drop_detail=bad.detail)
+    return out
+
+
+def _json_row(text: str) -> dict:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _BadRow("invalid_json", "(row)", f"is not valid JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise _BadRow("wrong_type", "(row)", f"expected a JSON object, got {_type_name(row)}")
+    return row
+
+
+def _is_conversational(row: dict) -> bool:
+    """A row is conversational when chosen and rejected are message lists, standard when they are texts."""
+    for column in ("chosen", "rejected"):
+        if column not in row:
+            raise _BadRow("missing_value", column, f"is missing: the row has keys {sorted(row)}")
+        if row[column] is None:
+            raise _BadRow("missing_value", column, "is missing (null)")
+        if not isinstance(row[column], (str, list)):
+            raise _BadRow("wrong_type", column, f"expected text or a list of messages, got {_type_name(row[column])}")
+    if type(row["chosen"]) is not type(row["rejected"]):
+        kinds = _type_name(row["rejected"]), _type_name(row["chosen"])
+        raise _BadRow("wrong_type", "rejected", "is {} but chosen is {}".format(*kinds))
+    return isinstance(row["chosen"], list)
+
+
+def _format_name(row: dict, conversational: bool, explicit: bool) -> str:
+    words = ["conversational" if conversational else "standard", "explicit prompt" if explicit else "implicit prompt"]
+    if row.get("prompt") is not None and not explicit:
+        words.append("prompt column ignored (its type differs from chosen)")
+    words += [column for column in ("tools", "chat_template_kwargs") if row.get(column)]
+    return ", ".join(words)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(value: Any, column: str, completion: bool) -> str:
+    if value is None:
+        raise _BadRow("missing_value", column, "is missing (null)")
+    if not isinstance(value, str):
+        raise _BadRow("wrong_type", column, f"expected text, got {_type_name(value)}")
+    if completion and not value.strip():
+        raise _BadRow("empty_completion", column, "is empty or whitespace-only")
+    return value
+
+
+def _split_common_prefix(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """TRL's implicit prompt: the longest common prefix (characters or messages) of chosen and rejected.
+
+    As in ``trl.extract_prompt``: a space just before the first difference goes
+    to the completions, and when one sequence is a prefix of the other the last
+    shared element stays in the completions, so neither becomes empty.
+    """
+    shortest = min(len(chosen), len(rejected))
+    cut = next((i for i in range(shortest) if chosen[i] != rejected[i]), shortest - 1)
+    if cut > 0 and isinstance(chosen, str) and chosen[cut - 1] == " ":
+        cut -= 1
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _encode(tokenizer: Any, text: str, special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+_Tokenized = tuple[list[int], list[int], list[int], bool]  # prompt, chosen, rejected ids; boundary fixed
+
+
+def _tokenize_standard(row: dict, explicit: bool, tokenizer: Any, spec: _Spec) -> _Tokenized:
+    """Plain text: EOS appended to completions; prompt ids are exactly ``tokenize(prompt)``.
+
+    When ``tokenize(prompt + completion)`` does not start with the prompt ids
+    (BPE merged across the boundary), the completion is tokenized on its own.
+    """
+    for column in ("tools", "chat_template_kwargs"):
+        if row.get(column):
+            raise _BadRow("wrong_type", column, "needs conversational rows (lists of messages), not plain text")
+    chosen = _text(row["chosen"], "chosen", completion=True)
+    rejected = _text(row["rejected"], "rejected", completion=True)
+    if chosen == rejected:
+        raise _BadRow("identical_completions", "chosen", "chosen and rejected are identical")
+    if explicit:
+        prompt = _text(row["prompt"], "prompt", completion=False)
+    else:
+        prompt, chosen, rejected = _split_common_prefix(chosen, rejected)
+    prompt_ids = _encode(tokenizer, prompt, special_tokens=True)
+    completions, fixed = [], False
+    for text in (chosen, rejected):
+        if spec.eos_token and not text.endswith(spec.eos_token):
+            text += spec.eos_token
+        full = _encode(tokenizer, prompt + text, special_tokens=True)
+        if full[: len(prompt_ids)] == prompt_ids:
+            completions.append(full[len(prompt_ids):])
+        else:
+            completions.append(_encode(tokenizer, text, special_tokens=False))
+            fixed = True
+    return prompt_ids, completions[0], completions[1], fixed
+
+
+def _tokenize_conversation(row: dict, explicit: bool, tokenizer: Any, spec: _Spec) -> _Tokenized:
+    """Messages: prompt rendered with the generation prompt, completion = full render minus prompt render.
+
+    When the full conversation does not start with the prompt render (the
+    template's generation prompt differs from the start of its assistant turn),
+    the completion text starts where the two renders diverge; when the render
+    starts with it but the ids do not (BPE merge), the completion text is
+    tokenized on its own. Either way the prompt ids are exactly the prompt's.
+    """
+    tools = _tools(row.get("tools"))
+    kwargs = _template_kwargs(row.get("chat_template_kwargs"))
+    chosen = _messages(row["chosen"], "chosen")
+    rejected = _messages(row["rejected"], "rejected")
+    for column, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
+            raise _BadRow("empty_completion", column, "has no message with non-empty content")
+    if chosen == rejected:
+        raise _BadRow("identical_completions", "chosen", "chosen and rejected are identical")
+    if explicit:
+        prompt = _messages(row["prompt"], "prompt")
+    else:
+        prompt, chosen, rejected = _split_common_prefix(chosen, rejected)
+    if not prompt:
+        raise _BadRow("empty_prompt", "prompt", "the conversation has no prompt message before the completions")
+    if not getattr(tokenizer, "chat_template", None):
+        raise _BadRow("chat_template_error", "prompt", "the tokenizer has no chat template; set chat_template_path")
+
+    def render(messages: list[dict], column: str, generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False, **kwargs
+            )
+        except Exception as exc:  # templates raise anything: jinja errors, raise_exception(), TypeError on bad values
+            raise _BadRow("chat_template_error", column, f"{type(exc).__name__}: {exc}") from None
+
+    prompt_text = render(prompt, "prompt", generation_prompt=True)
+    prompt_ids = _encode(tokenizer, prompt_text, special_tokens=False)
+    completions, fixed = [], False
+    for column, messages in (("chosen", chosen), ("rejected", rejected)):
+        full = render(prompt + messages, column, generation_prompt=False)
+        if full.startswith(prompt_text):
+            full_ids = _encode(tokenizer, full, special_tokens=False)
+            if full_ids[: len(prompt_ids)] == prompt_ids:
+                completions.append(full_ids[len(prompt_ids):])
+                continue
+            start = len(prompt_text)
+        else:
+            if not full.startswith(render(prompt, "prompt", generation_prompt=False)):
+                raise _BadRow(
+                    "chat_template_error", column,
+                    "the chat template renders the prompt messages differently when a completion follows, "
+                    "so the completion cannot be located",
+                )
+            start = next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b), len(full))
+        completion_ids = _encode(tokenizer, full[start:], special_tokens=False)
+        if not completion_ids:
+            raise _BadRow("empty_completion", column, "renders to no text after the prompt")
+        completions.append(completion_ids)
+        fixed = True
+    return prompt_ids, completions[0], completions[1], fixed
+
+
+def _drop_none(value: Any) -> Any:
+    """Arrow fills absent struct keys with None; templates test ``is defined``, so remove them."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def _messages(value: Any, column: str) -> list[dict]:
+    if value is None:
+        raise _BadRow("missing_value", column, "is missing (null)")
+    if not isinstance(value, list):
+        raise _BadRow("wrong_type", column, f"expected a list of messages, got {_type_name(value)}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise _BadRow("bad_message", column,
+                          f"message {i} is {_type_name(message)}, not a {{role, content}} object")
+        message = _drop_none(message)
+        if "role" not in message:
+            raise _BadRow("bad_message", column, f"message {i} has no 'role'")
+        if message["role"] not in ROLES:
+            raise _BadRow("unknown_role", column,
+                          f"message {i} has role {message['role']!r}; expected one of {list(ROLES)}")
+        content = message.get("content")
+        if content is None and not message.get("tool_calls"):
+            raise _BadRow("bad_message", column, f"message {i} has no 'content'")
+        if content is not None and not isinstance(content, str):
+            raise _BadRow("wrong_type", column, f"message {i} content: expected text, got {_type_name(content)}")
+        messages.append(message)
+    return messages
+
+
+def _tools(value: Any) -> list[dict] | None:
+    """A list of JSON schemas, given as such or as a JSON string; ``None``/empty means no tools."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise _BadRow("invalid_tools_json", "tools", f"is not valid JSON: {exc}") from None
+    if not value:
+        return None
+    if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):
+        raise _BadRow("wrong_type", "tools", f"expected a list of JSON schema objects, got {_type_name(value)}")
+    return _drop_none(value)
+
+
+def _template_kwargs(value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _BadRow("wrong_type", "chat_template_kwargs", f"expected an object, got {_type_name(value)}")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & value.keys())
+    if reserved:
+        raise _BadRow("wrong_type", "chat_template_kwargs", f"cannot set {reserved}: they are set from the row itself")
+    return _drop_none(value)
+
+
+def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], spec: _Spec) -> dict:
+    """Apply the module docstring's truncation rules; raise _BadRow with a length reason to drop the row."""
+    cut = {"_cut_prompt": False, "_cut_chosen": False, "_cut_rejected": False}
+
+    def keep_prompt_end(ids: list[int], n: int) -> list[int]:
+        if len(ids) > n:
+            cut["_cut_prompt"] = True
+            return ids[len(ids) - n:]
+        return ids
+
+    def keep_completion_start(ids: list[int], n: int, part: str) -> list[int]:
+        if len(ids) > n:
+            cut[f"_cut_{part}"] = True
+            return ids[:n]
+        return ids
+
+    if spec.max_prompt_length is not None:
+        prompt = keep_prompt_end(prompt, spec.max_prompt_length)
+    if spec.max_completion_length is not None:
+        chosen = keep_completion_start(chosen, spec.max_completion_length, "chosen")
+        rejected = keep_completion_start(rejected, spec.max_completion_length, "rejected")
+    if spec.max_length is not None:
+        if spec.truncation_mode == "keep_start":
+            if len(prompt) >= spec.max_length:
+                raise _BadRow("prompt_exceeds_max_length", "prompt", f"{len(prompt)} prompt tokens >= max_length")
+            room = spec.max_length - len(prompt)
+            chosen = keep_completion_start(chosen, room, "chosen")
+            rejected = keep_completion_start(rejected, room, "rejected")
+        else:
+            longest = max(len(chosen), len(rejected))
+            if longest + (1 if prompt else 0) > spec.max_length:
+                raise _BadRow("completion_exceeds_max_length", "chosen" if len(chosen) == longest else "rejected",
+                              f"{longest} completion tokens leave no room for the prompt in max_length")
+            prompt = keep_prompt_end(prompt, spec.max_length - longest)
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, **cut}

@@ -1,0 +1,153 @@
+"""The ``dpo-ds`` command: ``dpo-ds SUBCOMMAND [flags]``, one function per entry of ``COMMANDS``.
+
+Each subcommand takes its argument list and returns the exit status; a
+``DataError`` or ``ConfigError`` ends the command with its message on stderr
+and status 1, without a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+from dpo_ds.config import ConfigError, parse_known
+from dpo_ds.data import DataError, DataReport, PreferenceData, load_preference_data
+
+BOUNDARY = "[[COMPLETION]]"
+DATA_CHECK_USAGE = f"""usage: dpo-ds data-check --dataset SOURCE --model MODEL [--config run.yaml] [--json] [--show N]
+                         [--any_training_flag VALUE ...]
+
+Read and tokenize the whole dataset as training would, then report rows read and kept, rows dropped by
+reason, the detected format, token-length percentiles and truncation counts. Exits 0 when the data is usable.
+
+  --dataset SOURCE   alias of --dataset_name: builtin, a hub name, a save_to_disk directory or a data file
+  --model MODEL      alias of --model_name_or_path (its tokenizer and chat template are used)
+  --json             print one JSON object instead of text
+  --show N           also print N tokenized examples, the prompt/completion boundary marked by
+                     {BOUNDARY}"""
+FLAG_ALIASES = {"--dataset": "--dataset_name", "--model": "--model_name_or_path"}
+
+
+def data_check(argv: list[str]) -> int:
+    """``dpo-ds data-check``: load, check and tokenize the dataset; print the report."""
+    rest, as_json, show = _data_check_flags(argv)
+    config, remaining = parse_known(rest)
+    if "-h" in remaining or "--help" in remaining:
+        print(DATA_CHECK_USAGE)
+        return 0
+    if remaining:
+        raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds data-check --help")
+    from dpo_ds.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(config.model_name_or_path, config)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer of {config.model_name_or_path!r}: {exc}") from exc
+    data = load_preference_data(config, tokenizer)
+    examples = [_example(tokenizer, data.train[i]) for i in range(min(show, len(data.train)))]
+    if as_json:
+        out = _report_json(data.train_report)
+        out["eval"] = _report_json(data.eval_report) if data.eval_report else None
+        out["notes"] = data.notes
+        out["examples"] = examples
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"dataset: {config.dataset_name}  model: {config.model_name_or_path}")
+        for report in (data.train_report, data.eval_report):
+            if report is not None:
+                print(_report_text(report))
+        for note in data.notes:
+            print(f"note: {note}")
+        for example in examples:
+            print(f"\n--- example: row {example['row_index']} ---")
+            print(f"{example['prompt']}{BOUNDARY}{example['chosen']}")
+            print(f"--- same prompt, rejected ---\n{example['prompt']}{BOUNDARY}{example['rejected']}")
+    return _verdict(data)
+
+
+def _data_check_flags(argv: list[str]) -> tuple[list[str], bool, int]:
+    """Split off --json and --show N, and rename the --dataset/--model aliases; the rest are config flags."""
+    rest, as_json, show = [], False, 0
+    i = 0
+    while i < len(argv):
+        flag, has_value, value = argv[i].partition("=")
+        i += 1
+        if flag == "--json":
+            as_json = True
+        elif flag == "--show":
+            if not has_value:
+                value = argv[i] if i < len(argv) else ""
+                i += 1
+            if not value.isdigit():
+                raise ConfigError(f"--show needs a number of examples, got {value!r}", "show")
+            show = int(value)
+        elif flag in FLAG_ALIASES:
+            rest.append(FLAG_ALIASES[flag] + (f"={value}" if has_value else ""))
+        else:
+            rest.append(argv[i - 1])
+    return rest, as_json, show
+
+
+def _example(tokenizer: Any, row: dict) -> dict:
+    return {
+        "row_index": row["row_index"],
+        "prompt": tokenizer.decode(row["prompt_ids"]),
+        "chosen": tokenizer.decode(row["chosen_ids"]),
+        "rejected": tokenizer.decode(row["rejected_ids"]),
+    }
+
+
+def _report_json(report: DataReport) -> dict:
+    summary = report.summary()
+    return {"rows": summary.pop("rows_read"), "kept": summary.pop("rows_kept"), **summary}
+
+
+def _report_text(report: DataReport) -> str:
+    dropped = sum(report.dropped.values())
+    lines = [
+        f"{report.split}: {report.rows_read} rows read, {report.rows_kept} kept, {dropped} dropped",
+        f"  format: {report.format}",
+    ]
+    lines += [f"  dropped ({reason}): {count}" for reason, count in sorted(report.dropped.items())]
+    lines.append(f"  prompt/completion boundary fixes: {report.boundary_fixes}")
+    lines.append("  truncated rows: " + ", ".join(f"{part} {n}" for part, n in report.truncated.items()))
+    lines.append(f"  {'tokens':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
+    for part, stats in report.percentiles().items():
+        lines.append(f"  {part:<10}" + "".join(f"{stats[k]:>8}" for k in ("p50", "p90", "p99", "max")))
+    lines += [f"  skipped {problem}" for problem in report.problems]
+    return "\n".join(lines)
+
+
+def _verdict(data: PreferenceData) -> int:
+    """0 when every split that training uses keeps at least one row."""
+    for report in (data.train_report, data.eval_report):
+        if report is not None and report.rows_kept == 0:
+            print(f"dpo-ds data-check: error: no usable row left in the {report.split} split", file=sys.stderr)
+            return 1
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "data-check": data_check,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``dpo-ds SUBCOMMAND ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: dpo-ds {{{','.join(COMMANDS)}}} [flags]   (dpo-ds SUBCOMMAND --help for its flags)")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dpo-ds: error: unknown subcommand {name!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name](rest)
+    except (DataError, ConfigError) as exc:
+        print(f"dpo-ds {name}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,11 +13,13 @@ the formats TRL accepts:
   ``_split_common_prefix``).
 
 The format is decided per row, so one file may mix standard and
-conversational rows; the report counts rows per format.
+conversational rows (the built-in set does); the report counts rows per
+format. Local JSON/JSONL files are read row by row as JSON text to keep every
+value's type (see ``_json_dataset``); other sources go through ``datasets``.
 
 Each row becomes ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and
-``row_index`` (its position in the source split, for error messages and the
-precomputed-reference cache). The prompt is tokenized once and the completion
+``row_index`` (its position in the source split, blank JSONL lines not
+counted, for error messages and the precomputed-reference cache). The prompt is tokenized once and the completion
 ids start exactly where the prompt ids end (see ``_tokenize_standard`` and
 ``_tokenize_conversation`` for the boundary cases).
 
@@ -203,7 +205,7 @@ def load_raw_splits(args: Any) -> tuple[Dataset, Dataset | None, list[str]]:
     return train, (_pick_split(data, test_split, args.dataset_name) if test_split else None), []
 
 
-def check_columns(dataset: Dataset) -> None:
+def _check_columns(dataset: Dataset) -> None:
     """Fail unless the dataset (or the first row of a local JSON file) has the columns every row needs."""
     columns = dataset.column_names
     if columns == [JSON_COLUMN]:
@@ -316,7 +318,7 @@ def _pick_split(data: DatasetDict, split: str, name: str) -> Dataset:
 
 def _process(dataset: Dataset, tokenizer: Any, args: Any, split: str) -> Dataset:
     """Check and tokenize every row (one cached ``map``); bad and too-long rows are kept, marked in ``_drop``."""
-    check_columns(dataset)
+    _check_columns(dataset)
     if args.truncation_mode not in ("keep_start", "keep_end"):
         raise DataError(f"truncation_mode must be 'keep_start' or 'keep_end', got {args.truncation_mode!r}")
     spec = _Spec(
@@ -437,9 +439,17 @@ def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec) -> dict:
         if prompt is not None and not isinstance(prompt, (str, list)):
             raise _BadRow("wrong_type", "prompt", f"expected text or a list of messages, got {_type_name(prompt)}")
         explicit = isinstance(prompt, list if conversational else str)
-        tokenize = _tokenize_conversation if conversational else _tokenize_standard
-        prompt_ids, chosen_ids, rejected_ids, fixed = tokenize(row, explicit, tokenizer, spec)
-        out["_format"] = _format_name(row, conversational, explicit)
+        tools = _tools(row.get("tools"))
+        kwargs = _template_kwargs(row.get("chat_template_kwargs"))
+        if conversational:
+            tokenized = _tokenize_conversation(row, explicit, tools, kwargs, tokenizer)
+        elif tools or kwargs:
+            column = "tools" if tools else "chat_template_kwargs"
+            raise _BadRow("wrong_type", column, "needs conversational rows (lists of messages), not plain text")
+        else:
+            tokenized = _tokenize_standard(row, explicit, tokenizer, spec.eos_token)
+        prompt_ids, chosen_ids, rejected_ids, fixed = tokenized
+        out["_format"] = _format_name(conversational, explicit, prompt is not None, bool(tools), bool(kwargs))
         out["_boundary_fix"] = fixed
         out.update(_truncate(prompt_ids, chosen_ids, rejected_ids, spec))
     except _BadRow as bad:
@@ -472,26 +482,16 @@ def _is_conversational(row: dict) -> bool:
     return isinstance(row["chosen"], list)
 
 
-def _format_name(row: dict, conversational: bool, explicit: bool) -> str:
+def _format_name(conversational: bool, explicit: bool, has_prompt: bool, tools: bool, kwargs: bool) -> str:
     words = ["conversational" if conversational else "standard", "explicit prompt" if explicit else "implicit prompt"]
-    if row.get("prompt") is not None and not explicit:
+    if has_prompt and not explicit:
         words.append("prompt column ignored (its type differs from chosen)")
-    words += [column for column in ("tools", "chat_template_kwargs") if row.get(column)]
+    words += [name for name, present in (("tools", tools), ("chat_template_kwargs", kwargs)) if present]
     return ", ".join(words)
 
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def _text(value: Any, column: str, completion: bool) -> str:
-    if value is None:
-        raise _BadRow("missing_value", column, "is missing (null)")
-    if not isinstance(value, str):
-        raise _BadRow("wrong_type", column, f"expected text, got {_type_name(value)}")
-    if completion and not value.strip():
-        raise _BadRow("empty_completion", column, "is empty or whitespace-only")
-    return value
 
 
 def _split_common_prefix(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -515,28 +515,27 @@ def _encode(tokenizer: Any, text: str, special_tokens: bool) -> list[int]:
 _Tokenized = tuple[list[int], list[int], list[int], bool]  # prompt, chosen, rejected ids; boundary fixed
 
 
-def _tokenize_standard(row: dict, explicit: bool, tokenizer: Any, spec: _Spec) -> _Tokenized:
+def _tokenize_standard(row: dict, explicit: bool, tokenizer: Any, eos_token: str | None) -> _Tokenized:
     """Plain text: EOS appended to completions; prompt ids are exactly ``tokenize(prompt)``.
 
     When ``tokenize(prompt + completion)`` does not start with the prompt ids
     (BPE merged across the boundary), the completion is tokenized on its own.
     """
-    for column in ("tools", "chat_template_kwargs"):
-        if row.get(column):
-            raise _BadRow("wrong_type", column, "needs conversational rows (lists of messages), not plain text")
-    chosen = _text(row["chosen"], "chosen", completion=True)
-    rejected = _text(row["rejected"], "rejected", completion=True)
+    chosen, rejected = row["chosen"], row["rejected"]
+    for column, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise _BadRow("empty_completion", column, "is empty or whitespace-only")
     if chosen == rejected:
         raise _BadRow("identical_completions", "chosen", "chosen and rejected are identical")
     if explicit:
-        prompt = _text(row["prompt"], "prompt", completion=False)
+        prompt = row["prompt"]
     else:
         prompt, chosen, rejected = _split_common_prefix(chosen, rejected)
     prompt_ids = _encode(tokenizer, prompt, special_tokens=True)
     completions, fixed = [], False
     for text in (chosen, rejected):
-        if spec.eos_token and not text.endswith(spec.eos_token):
-            text += spec.eos_token
+        if eos_token and not text.endswith(eos_token):
+            text += eos_token
         full = _encode(tokenizer, prompt + text, special_tokens=True)
         if full[: len(prompt_ids)] == prompt_ids:
             completions.append(full[len(prompt_ids):])
@@ -546,7 +545,9 @@ def _tokenize_standard(row: dict, explicit: bool, tokenizer: Any, spec: _Spec) -
     return prompt_ids, completions[0], completions[1], fixed
 
 
-def _tokenize_conversation(row: dict, explicit: bool, tokenizer: Any, spec: _Spec) -> _Tokenized:
+def _tokenize_conversation(
+    row: dict, explicit: bool, tools: list[dict] | None, kwargs: dict, tokenizer: Any
+) -> _Tokenized:
     """Messages: prompt rendered with the generation prompt, completion = full render minus prompt render.
 
     When the full conversation does not start with the prompt render (the
@@ -555,8 +556,6 @@ def _tokenize_conversation(row: dict, explicit: bool, tokenizer: Any, spec: _Spe
     starts with it but the ids do not (BPE merge), the completion text is
     tokenized on its own. Either way the prompt ids are exactly the prompt's.
     """
-    tools = _tools(row.get("tools"))
-    kwargs = _template_kwargs(row.get("chat_template_kwargs"))
     chosen = _messages(row["chosen"], "chosen")
     rejected = _messages(row["rejected"], "rejected")
     for column, messages in (("chosen", chosen), ("rejected", rejected)):
@@ -617,11 +616,8 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def _messages(value: Any, column: str) -> list[dict]:
-    if value is None:
-        raise _BadRow("missing_value", column, "is missing (null)")
-    if not isinstance(value, list):
-        raise _BadRow("wrong_type", column, f"expected a list of messages, got {_type_name(value)}")
+def _messages(value: list, column: str) -> list[dict]:
+    """The messages with None-valued keys removed; a malformed message raises _BadRow."""
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):

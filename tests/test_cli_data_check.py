@@ -46,12 +46,11 @@ def test_bad_rows_exit_non_zero_with_the_message_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_text_report_shows_examples_with_the_boundary(tmp_path):
+def test_text_report_shows_examples_with_the_boundary(tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
-    result = data_check("--dataset", path, "--model", "builtin", "--show", "1", "--truncation_mode", "keep_end",
-                        "--max_length", "8")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    assert main(["data-check", "--dataset", path, "--model", "builtin", "--show", "1", "--truncation_mode",
+                 "keep_end", "--max_length", "8"]) == 0
+    out = capsys.readouterr().out
     assert "train: 1 rows read, 1 kept, 0 dropped" in out
     assert "truncated rows: prompt 1, chosen 0, rejected 0" in out
     assert "note: " in out and "no 'test' split" in out

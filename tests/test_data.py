@@ -328,13 +328,23 @@ CONVERSATION_BAD = [
      "chosen", "identical_completions", "identical"),
     ({"prompt": [user("hi")], "chosen": [assistant(7)], "rejected": [assistant("b")]},
      "chosen", "wrong_type", "message 0 content: expected text, got int"),
+    ({"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")], "tools": '{"name": "f"}'},
+     "tools", "wrong_type", "expected a list of JSON schema objects, got dict"),
+    ({"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")],
+      "chat_template_kwargs": {"add_generation_prompt": False}},
+     "chat_template_kwargs", "wrong_type", "cannot set ['add_generation_prompt']"),
+    ({"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")], "chat_template_kwargs": "x"},
+     "chat_template_kwargs", "wrong_type", "expected an object, got str"),
+    ({"chosen": [user("hi"), assistant("a")], "rejected": [user("yo"), assistant("b")]},
+     "prompt", "empty_prompt", "no prompt message"),
 ]
 
 
 @pytest.mark.parametrize("cases,good", [
     (STANDARD_BAD, {"prompt": "p", "chosen": "c", "rejected": "r"}),
-    (CONVERSATION_BAD, {"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")]}),
-], ids=["standard", "conversational"])
+    (CONVERSATION_BAD[:7], {"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")]}),
+    (CONVERSATION_BAD[7:], {"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")]}),
+], ids=["standard", "conversational", "conversational_template_inputs"])  # at most 10 rows are listed
 def test_each_bad_row_kind_is_named_in_one_error_or_skipped(tmp_path, tok, cases, good):
     rows = [good] + [row for row, *_ in cases]
     with pytest.raises(DataError) as err:
@@ -390,9 +400,16 @@ def test_non_utf8_file_is_named(tmp_path, tok, name, content):
 
 
 def test_text_rows_cannot_carry_tools(tmp_path, tok):
-    with pytest.raises(DataError, match=r"column 'tools': wrong_type: needs conversational rows"):
-        load(tmp_path, [{"prompt": "p", "chosen": "c", "rejected": "r", "tools": "[]"},
-                        {"prompt": "p", "chosen": "c", "rejected": "r", "tools": '[{"type": "function"}]'}], tok)
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "tools": "[]"},
+            {"prompt": "p", "chosen": "c", "rejected": "r", "tools": '[{"type": "function"}]'},
+            {"prompt": "p", "chosen": "c", "rejected": "r", "chat_template_kwargs": {"note": "x"}}]
+    with pytest.raises(DataError) as err:
+        load(tmp_path, rows, tok)
+    assert str(err.value).splitlines()[1:] == [
+        "  train row 1, column 'tools': wrong_type: needs conversational rows (lists of messages), not plain text",
+        "  train row 2, column 'chat_template_kwargs': wrong_type: needs conversational rows (lists of messages), "
+        "not plain text",
+    ]
 
 
 def test_conversation_needs_a_chat_template(tmp_path, tok):
@@ -518,6 +535,14 @@ def test_second_run_loads_tokenized_rows_from_the_cache(tmp_path, tok):
     assert ids(again.train) == ids(first.train)
     load_preference_data(config(path, max_length=8), tok)
     assert len(_cache_files(first.train)) > len(files)  # another setting is another fingerprint
+
+
+def test_an_edited_file_is_read_again(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[:3])
+    assert load_preference_data(config(path), tok).train_report.rows_read == 3
+    write_jsonl(tmp_path / "d.jsonl", ROWS[:2] + [{"prompt": "p", "chosen": "x", "rejected": "x"}])
+    with pytest.raises(DataError, match="train row 2, column 'chosen': identical_completions"):
+        load_preference_data(config(path), tok)
 
 
 def test_worker_processes_give_the_same_rows(tmp_path, tok):

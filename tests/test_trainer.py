@@ -100,7 +100,7 @@ def latest_per_step(path: Path) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_resume_after_kill_continues_exactly(tmp_path, tiny_model_dir):
-    common = ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), "--max_steps", "8",
+    common = ["--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), "--max_steps", "6",
               "--gradient_accumulation_steps", "2", "--save_steps", "3"]
     run_train(tmp_path, tiny_model_dir, *common, out="full")
     # Same run, killed (SIGKILL to the whole launcher group) as soon as checkpoint-3 is complete.
@@ -116,16 +116,28 @@ def test_resume_after_kill_continues_exactly(tmp_path, tiny_model_dir):
     assert not (part / "final").exists(), "the run finished before it could be killed"
     run_train(tmp_path, tiny_model_dir, *common, "--resume_from_checkpoint", "auto", out="part")
     full, resumed = latest_per_step(tmp_path / "full" / "metrics.jsonl"), latest_per_step(part / "metrics.jsonl")
-    assert sorted(resumed) == list(range(1, 9))
-    for step in range(4, 9):
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(4, 7):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+    # `dpo-ds export` of the last checkpoint (one process, no engine) gives the final export's weights.
+    from safetensors.torch import load_file
+
+    from dpo_ds.checkpoint import export_checkpoint
+
+    export_checkpoint(tmp_path / "full" / "checkpoint-6", tmp_path / "exported")
+    ours = load_file(tmp_path / "exported" / "model.safetensors")
+    final = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    assert ours.keys() == final.keys() and ours
+    for name in final:
+        torch.testing.assert_close(ours[name], final[name], rtol=0, atol=0)
 
 
 @pytest.mark.slow
 def test_export_loads_in_transformers_and_matches_engine(tmp_path, tiny_model_dir):
     """The exported directory loads with plain transformers and scores exactly like the trained engine."""
     run_train(tmp_path, tiny_model_dir, "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"),
-              "--max_steps", "3", "--save_steps", "none", script=ROOT / "tests" / "scripts" / "export_probe.py")
+              "--max_steps", "3", "--save_steps", "none", "--gradient_checkpointing", "true", script=ROOT / "tests" / "scripts" / "export_probe.py")
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")

@@ -588,9 +588,9 @@ def _tokenize_conversation(
         if full.startswith(prompt_text):
             full_ids = _encode(tokenizer, full, special_tokens=False)
             if full_ids[: len(prompt_ids)] == prompt_ids:
-                completions.append(full_ids[len(prompt_ids):])
-                continue
-            start = len(prompt_text)
+                completion_ids = full_ids[len(prompt_ids):]
+            else:
+                completion_ids, fixed = _encode(tokenizer, full[len(prompt_text):], special_tokens=False), True
         else:
             if not full.startswith(render(prompt, "prompt", generation_prompt=False)):
                 raise _BadRow(
@@ -599,11 +599,10 @@ def _tokenize_conversation(
                     "so the completion cannot be located",
                 )
             start = next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b), len(full))
-        completion_ids = _encode(tokenizer, full[start:], special_tokens=False)
+            completion_ids, fixed = _encode(tokenizer, full[start:], special_tokens=False), True
         if not completion_ids:
             raise _BadRow("empty_completion", column, "renders to no text after the prompt")
         completions.append(completion_ids)
-        fixed = True
     return prompt_ids, completions[0], completions[1], fixed
 
 

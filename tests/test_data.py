@@ -227,6 +227,17 @@ def test_bpe_merge_across_boundary_keeps_exact_prompt_ids(tmp_path, tok):
     assert data.train_report.boundary_fixes == 1
 
 
+def test_bpe_merge_after_the_generation_prompt(tmp_path, tok):
+    prompt_text = SYSTEM + "<|im_start|>user\nSky?<|im_end|>\n<|im_start|>assistant\n"
+    prompt_ids = encode(tok, prompt_text)
+    assert encode(tok, prompt_text + "\n\nBlue.<|im_end|>\n")[: len(prompt_ids)] != prompt_ids  # "\n\n\n" merges
+    rows = [{"prompt": [user("Sky?")], "chosen": [assistant("\n\nBlue.")], "rejected": [assistant("Red.")]}]
+    data = load(tmp_path, rows, tok)
+    assert ids(data.train) == [{"prompt_ids": prompt_ids, "chosen_ids": encode(tok, "\n\nBlue.<|im_end|>\n"),
+                                "rejected_ids": encode(tok, "Red.<|im_end|>\n")}]
+    assert data.train_report.boundary_fixes == 1
+
+
 def test_generation_prompt_differing_from_assistant_turn(tmp_path):
     tokenizer = template_tokenizer(tmp_path, THINK_TEMPLATE)
     rows = [{"prompt": [user("Sky?")], "chosen": [assistant("Blue.")], "rejected": [assistant("Red.")]},

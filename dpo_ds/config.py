@@ -787,6 +787,12 @@ def load_deepspeed_config(
     if f.mismatches:
         raise ConfigError(f"{source} contradicts the run config:\n  - " + "\n  - ".join(f.mismatches)
                           + '\nSet these DeepSpeed values to "auto" or make them equal.', "deepspeed")
+    zero = config.get("zero_optimization", {})
+    param_offload = zero.get("offload_param", {}).get("device", "none")
+    if param_offload not in (None, "none") and int(zero.get("stage", 0)) < 3:
+        raise ConfigError(f"{source}: zero_optimization.offload_param.device={param_offload!r} needs stage 3 "
+                          f"(got stage {zero.get('stage', 0)}): DeepSpeed would silently keep the parameters on "
+                          "the device; use stage 3 or remove offload_param", "deepspeed")
     left = _find_auto(config)
     if left:
         hint = (" (the scheduler's step counts need num_training_steps or max_steps > 0)"

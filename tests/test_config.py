@@ -94,13 +94,14 @@ def test_yaml_scientific_notation_without_dot(tmp_path):
 
 
 def test_default_example_yaml():
-    c = parse_args(["--config", str(REPO / "examples/default.yaml"), "--deepspeed", "none"])
+    c = parse_args(["--config", str(REPO / "examples/default.yaml")])
     assert (c.model_name_or_path, c.dataset_name, c.dataset_test_split) == ("builtin", "builtin", "test")
     assert (c.per_device_train_batch_size, c.gradient_accumulation_steps) == (4, 1)
     assert (c.max_length, c.max_prompt_length, c.learning_rate) == (192, 96, 5e-6)
     assert (c.max_steps, c.eval_steps, c.logging_steps, c.save_steps) == (40, 20, 5, 20)
     assert (c.beta, c.warmup_ratio, c.lr_scheduler_type, c.output_dir) == (0.1, 0.1, "linear", "outputs/default")
-    assert yaml.safe_load((REPO / "examples/default.yaml").read_text())["deepspeed"] == "ds_configs/zero3.json"
+    # No deepspeed key: the built-in ZeRO-3 default applies wherever the run is launched from.
+    assert c.deepspeed is None and "deepspeed" not in yaml.safe_load((REPO / "examples/default.yaml").read_text())
 
 
 @pytest.mark.parametrize("flag,value,field,expected", [
@@ -565,3 +566,11 @@ def test_deepspeed_accepts_filled_configs():
     ref = DeepSpeedConfig(reference_deepspeed_config(args, policy))
     assert ref.zero_config.offload_param.device == "cpu"
     assert math.isclose(parsed.gradient_clipping, 1.0)
+
+
+def test_policy_param_offload_below_stage3_is_rejected(tmp_path):
+    """DeepSpeed ignores offload_param under ZeRO-1/2; asking for it is an error, not a silent no-op."""
+    path = tmp_path / "z2_offload.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}))
+    with pytest.raises(ConfigError, match="offload_param.*needs stage 3"):
+        load_deepspeed_config(DPOConfig(deepspeed=str(path)), world_size=1)

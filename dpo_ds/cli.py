@@ -127,8 +127,39 @@ def _verdict(data: PreferenceData) -> int:
     return 0
 
 
+def train(argv: list[str]) -> int:
+    """``dpo-ds train [--config X.yaml] [--key value ...]``: the same entry point as ``launch/train.py``."""
+    from dpo_ds.trainer import main as train_main
+
+    return train_main(argv)
+
+
+EXPORT_USAGE = """usage: dpo-ds export CHECKPOINT_DIR OUT_DIR
+
+Write a saved checkpoint (output_dir/checkpoint-<step>, any ZeRO stage and world size) as a Hugging Face
+model directory (safetensors, config, tokenizer, chat template), in one process on CPU."""
+
+
+def export(argv: list[str]) -> int:
+    """``dpo-ds export CHECKPOINT OUT``: consolidate a checkpoint into a Hugging Face directory."""
+    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+        print(EXPORT_USAGE)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from dpo_ds.checkpoint import export_checkpoint
+
+    try:
+        out = export_checkpoint(argv[0], argv[1])
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"dpo-ds export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"dpo-ds export: wrote {out}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data-check": data_check,
+    "train": train,
+    "export": export,
 }
 
 

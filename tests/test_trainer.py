@@ -123,9 +123,10 @@ def test_resume_after_kill_continues_exactly(tmp_path, tiny_model_dir):
     # `dpo-ds export` of the last checkpoint (one process, no engine) gives the final export's weights.
     from safetensors.torch import load_file
 
-    from dpo_ds.checkpoint import export_checkpoint
+    from dpo_ds.cli import main as dpo_ds_cli
 
-    export_checkpoint(tmp_path / "full" / "checkpoint-6", tmp_path / "exported")
+    assert dpo_ds_cli(["export", str(tmp_path / "full" / "checkpoint-6"), str(tmp_path / "exported")]) == 0
+    assert dpo_ds_cli(["export", str(tmp_path / "full"), str(tmp_path / "nowhere")]) == 1  # not a checkpoint
     ours = load_file(tmp_path / "exported" / "model.safetensors")
     final = load_file(tmp_path / "full" / "final" / "model.safetensors")
     assert ours.keys() == final.keys() and ours

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from . import checkpoint
+from . import checkpoint, preemption
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
@@ -57,18 +57,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool, drop_last: bool) -> list[int]:
+def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool, drop_last: bool, start: int = 0) -> list[int]:
     """This rank's row indices for one epoch; every rank gets the same count.
 
     Rows are shuffled with (seed, epoch) and dealt round-robin, like
     `DistributedSampler`. Without drop_last the tail is padded with -1: such
     slots are run (every rank must take part in each ZeRO-3 forward) but
-    weigh nothing in the metrics.
+    weigh nothing in the metrics. `start` skips the first rows of the shuffled
+    order: the samples already consumed, at any world size, so that a run
+    resumed on another number of ranks continues with the same rows.
     """
     order = list(range(num_rows))
     if shuffle:
         g = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(num_rows, generator=g).tolist()
+    order = order[start:]
+    num_rows = len(order)
     world, rank = _world(), _rank()
     if drop_last:
         order = order[: num_rows - num_rows % world]
@@ -132,7 +136,8 @@ class DPOTrainer:
 
         # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
         self.window = torch.zeros(2, dtype=torch.float64)
-        self.state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "num_tokens": 0}
+        # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
+        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0}
         self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
             if _rank() == 0 else None
 
@@ -226,6 +231,7 @@ class DPOTrainer:
             self.state.update({k: client[k] for k in self.state})
             _set_rng_state(client["rng"])
             logger.info("resumed from %s at step %d", resume, self.state["global_step"])
+        preemption.install()
         if _rank() == 0:
             Path(a.output_dir).mkdir(parents=True, exist_ok=True)
             a.save(os.path.join(a.output_dir, "config.yaml"))
@@ -236,17 +242,18 @@ class DPOTrainer:
         last_log_time, last_log_step = time.perf_counter(), self.state["global_step"]
         history = []
         while self.state["global_step"] < self.total_steps:
-            order = epoch_order(len(self.train_data), self.state["epoch"], a.seed, shuffle=True, drop_last=True)
-            order = order[: micro_per_epoch * a.per_device_train_batch_size]
-            start = self.state["micro_in_epoch"] * a.per_device_train_batch_size
-            loader, weights = self._loader(self.train_data, order[start:], a.per_device_train_batch_size)
+            done, per_micro = self.state["samples_in_epoch"], a.per_device_train_batch_size * _world()
+            order = epoch_order(len(self.train_data), self.state["epoch"], a.seed, shuffle=True, drop_last=True,
+                                start=done)
+            order = order[: max(0, micro_per_epoch * per_micro - done) // per_micro * a.per_device_train_batch_size]
+            loader, weights = self._loader(self.train_data, order, a.per_device_train_batch_size)
             for batch, w in zip(loader, weights):
                 policy.train()
                 loss = self._forward(batch, w, acc, train=True)
                 policy.backward(loss)
                 boundary = policy.is_gradient_accumulation_boundary()
                 policy.step()
-                self.state["micro_in_epoch"] += 1
+                self.state["samples_in_epoch"] += per_micro
                 if not boundary:
                     continue
                 self.state["global_step"] += 1
@@ -262,6 +269,7 @@ class DPOTrainer:
                     acc = MeanAccumulator()
                 if bar is not None:
                     bar.update(1)
+                preemption.stop_if_requested(step, self.save, policy.device)
                 if a.eval_strategy != "no" and a.eval_steps and step % a.eval_steps == 0 and step < self.total_steps:
                     self._log(self.evaluate(), bar)
                 if a.save_steps and step % a.save_steps == 0:
@@ -270,7 +278,7 @@ class DPOTrainer:
                     break
             else:
                 self.state["epoch"] += 1
-                self.state["micro_in_epoch"] = 0
+                self.state["samples_in_epoch"] = 0
         final = {}
         if a.eval_strategy != "no" and self.eval_data is not None:
             final = self.evaluate()
@@ -330,7 +338,12 @@ class DPOTrainer:
         acc = MeanAccumulator()
         order = epoch_order(len(self.eval_data), 0, a.seed, shuffle=False, drop_last=False)
         loader, weights = self._loader(self.eval_data, order, a.per_device_eval_batch_size)
-        for batch, w in zip(loader, weights):
+        batches = zip(loader, weights)
+        if _rank() == 0 and not a.disable_tqdm:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
+        for batch, w in batches:
             self._forward(batch, w, acc, train=False)
         totals = acc.reduce()
         self.window.copy_(train_window)
@@ -364,6 +377,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """
     import sys
     import traceback
+    import warnings
 
     from . import distributed
     from .config import ConfigError, parse_args
@@ -377,6 +391,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dpo_ds: config error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed's ZeRO-3 calls torch's deprecated collective names on every step: one line each, no signal.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
     try:
         distributed.init()
         trainer = DPOTrainer(args=args)

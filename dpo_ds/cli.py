@@ -156,10 +156,18 @@ def export(argv: list[str]) -> int:
     return 0
 
 
+def hostfile(argv: list[str]) -> int:
+    """``dpo-ds hostfile check H`` / ``dpo-ds hostfile from-slurm [--slots N] [--output F]``."""
+    from dpo_ds.hostfile import cli as hostfile_cli
+
+    return hostfile_cli(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data-check": data_check,
     "train": train,
     "export": export,
+    "hostfile": hostfile,
 }
 
 

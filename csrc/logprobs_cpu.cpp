@@ -39,7 +39,7 @@ inline uint32_t to_bits(float f) {
 }
 
 // Cephes expf (about 2 ulp); clamped so the exponent bits never overflow.
-inline float vexp(float x) {
+[[gnu::always_inline]] inline float vexp(float x) {
   x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
   const float round_magic = 12582912.f;  // 1.5 * 2^23: x + it - it rounds x
   const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
@@ -56,7 +56,7 @@ inline float vexp(float x) {
 }
 
 // tanh(y) = 1 - 2 / (e^{2y} + 1): saturates to +-1 through the clamped exp.
-inline float vtanh(float y) { return 1.f - 2.f / (vexp(2.f * y) + 1.f); }
+[[gnu::always_inline]] inline float vtanh(float y) { return 1.f - 2.f / (vexp(2.f * y) + 1.f); }
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(c10::BFloat16 v) { return from_bits(static_cast<uint32_t>(v.x) << 16); }
@@ -154,19 +154,18 @@ void grad_row(const T* x, T* dst, int64_t w, int64_t label, float lse, float g, 
   const bool has_label = label >= 0 && label < w;
   const float x_label = has_label ? to_f32(x[label]) : 0.f;  // dst may alias x
   const float g_t = g * p.inv_t;
+  alignas(64) float d[kBlock];
+  for (int64_t b0 = 0; b0 < w; b0 += kBlock) {
+    const int64_t len = std::min(kBlock, w - b0);
 #pragma omp simd
-  for (int64_t j = 0; j < w; ++j) {
-    const float v = to_f32(x[j]);
-    float z, d;
-    if (kCap) {
-      const float th = vtanh(v / p.cap);
-      z = p.cap * th * p.inv_t;
-      d = g_t * (1.f - th * th);
-    } else {
-      z = v * p.inv_t;
-      d = g_t;
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = to_f32(x[b0 + j]);
+      const float th = kCap ? vtanh(v / p.cap) : 0.f;
+      const float z = kCap ? p.cap * th * p.inv_t : v * p.inv_t;
+      d[j] = -vexp(z - lse) * (kCap ? g_t * (1.f - th * th) : g_t);
     }
-    store(dst + j, -vexp(z - lse) * d);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) store(dst + b0 + j, d[j]);
   }
   if (has_label) {
     const float th = kCap ? vtanh(x_label / p.cap) : 0.f;

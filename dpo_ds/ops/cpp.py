@@ -21,7 +21,7 @@ import torch
 from . import fused
 from .types import LogProbs
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]  # no FP traps: lets GCC if-convert and vectorize
 LDFLAGS = ["-fopenmp"]
 SOURCES = ("logprobs_cpu.cpp",)
 TILE_ROWS = 1024
@@ -56,15 +56,20 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def build_extension(name: str, sources: list[Path], signature: str, **load_kwargs):
-    """Compile (or reuse) a torch extension whose name carries a hash of everything that shapes it."""
-    from torch.utils.cpp_extension import load
-
+def extension_name(name: str, sources: list[Path], signature: str, **load_kwargs) -> str:
+    """`name` plus a hash of everything that shapes the build: sources, flags, torch, Python, `signature`."""
     digest = hashlib.sha256()
     for part in (*[s.read_bytes() for s in sources], signature.encode(), repr(sorted(load_kwargs.items())).encode(),
                  torch.__version__.encode(), platform.python_version().encode()):
         digest.update(part)
-    full_name = f"{name}_{digest.hexdigest()[:16]}"
+    return f"{name}_{digest.hexdigest()[:16]}"
+
+
+def build_extension(name: str, sources: list[Path], signature: str, **load_kwargs):
+    """Compile (or reuse) a torch extension in `build_root() / extension_name(...)`, one builder at a time."""
+    from torch.utils.cpp_extension import load
+
+    full_name = extension_name(name, sources, signature, **load_kwargs)
     directory = build_root() / full_name
     directory.mkdir(parents=True, exist_ok=True)
     with open(build_root() / f"{full_name}.lock", "w") as lock:

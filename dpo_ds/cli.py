@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 from dpo_ds.config import ConfigError, parse_known
 from dpo_ds.data import DataError, DataReport, PreferenceData, load_preference_data
+from dpo_ds.estimate import estimate_main
+from dpo_ds.sweep import sweep_main
 
 BOUNDARY = "[[COMPLETION]]"
 DATA_CHECK_USAGE = f"""usage: dpo-ds data-check --dataset SOURCE --model MODEL [--config run.yaml] [--json] [--show N]
@@ -168,6 +170,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train,
     "export": export,
     "hostfile": hostfile,
+    "estimate": estimate_main,
+    "sweep": sweep_main,
 }
 
 

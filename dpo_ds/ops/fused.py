@@ -186,8 +186,10 @@ def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc += a @ b in fp32 without rounding a half-precision product first."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    else:
+    elif torch.__version__ >= (2, 8):  # addmm(out_dtype=) exists from torch 2.8 (CUDA)
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 class _LinearFn(torch.autograd.Function):

@@ -198,6 +198,8 @@ def _flag_kwargs(flags: int) -> dict:
 def fold(x: Tensor, labels: Tensor, ignore_index: int, vocab_start: int, inv_t: float, cap: float, flags: int,
          state: Tensor) -> None:
     """`fused` fold contract: one program per row."""
+    if x.shape[0] == 0:
+        return
     _fold_kernel[(x.shape[0],)](x, x.stride(0), labels, state, state.stride(0), ignore_index, vocab_start,
                                 x.shape[1], inv_t, cap or 1.0, HAS_CAP=cap > 0, BLOCK=ROW_BLOCK,
                                 num_warps=NUM_WARPS, **_flag_kwargs(flags))
@@ -206,14 +208,16 @@ def fold(x: Tensor, labels: Tensor, ignore_index: int, vocab_start: int, inv_t: 
 def grad(x: Tensor, labels: Tensor, ignore_index: int, vocab_start: int, lse: Tensor, grad_logps: Tensor,
          inv_t: float, cap: float, dst: Tensor) -> None:
     """`fused` grad contract: a program per (row, vocabulary block)."""
+    if x.numel() == 0:
+        return
     grid = (x.shape[0], triton.cdiv(x.shape[1], ROW_BLOCK))
     _grad_kernel[grid](x, x.stride(0), labels, lse, grad_logps, dst, dst.stride(0), ignore_index, vocab_start,
                        x.shape[1], inv_t, cap or 1.0, HAS_CAP=cap > 0, BLOCK=ROW_BLOCK, num_warps=NUM_WARPS)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype) -> str | None:
     # fp32 inputs get true fp32 products (not TF32), as a plain fp32 matmul would by default
-    return "ieee" if dtype == torch.float32 else "tf32"
+    return "ieee" if dtype == torch.float32 else None
 
 
 def _operands(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,6 +231,8 @@ def linear_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: 
     h, w = _operands(hidden, weight)
     n, (V, H) = h.shape[0], w.shape
     state = fused.new_state(n, h.device)
+    if n == 0:
+        return state
     bm, bn, bk = LINEAR_BLOCKS
     _linear_fold_kernel[(triton.cdiv(n, bm),)](
         h, w, bias if bias is not None else h, labels, state, n, V, H, h.stride(0), w.stride(0), cfg.inv_t,

@@ -136,11 +136,11 @@ def test_torchrun_two_nodes_rendezvous(tmp_path, tiny_model_dir):
     assert_two_rank_run(tmp_path / "out", 2)
 
 
-def sbatch_args(tmp_path: Path, model_dir: str, *extra: str) -> list[str]:
-    """The batch script and its arguments, sized for this machine: one node, two tasks, no GPU."""
+def sbatch_args(tmp_path: Path, model_dir: str, *extra: str, tasks: int = 2) -> list[str]:
+    """The batch script and its arguments, sized for this machine: one node, two CPUs, no GPU."""
     args = train_args(tmp_path, model_dir, *extra)
     assert args[0] == "--config"
-    return ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+    return [f"--ntasks-per-node={tasks}", "--gpus-per-node=0", f"--cpus-per-task={2 // tasks}", "--time=10",
             f"--output={tmp_path}/slurm-%j.out", str(ROOT / "launch" / "slurm" / "train.sbatch"), *args[1:]]
 
 
@@ -159,11 +159,26 @@ def test_slurm_sbatch_runs_to_completion(tmp_path, tiny_model_dir, slurm):
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 180)
     log = slurm_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-6000:]
-    # srun --label: each line starts with the task number.
+    # srun --label: each line starts with the task number, here the rank.
     lines = log.splitlines()
     for rank in (0, 1):
         assert any(line.startswith(f"{rank}: ") and f"rank {rank}/2 (local rank {rank})" in line
                    and "started by slurm" in line for line in lines), log[-6000:]
+    assert_two_rank_run(tmp_path / "out", 2)
+
+
+def test_slurm_sbatch_torchrun_per_node(tmp_path, tiny_model_dir, slurm):
+    """DPO_DS_LAUNCH=torchrun: one srun task on the node runs torchrun, which starts both ranks."""
+    env = {**ENV, "DPO_DS_LAUNCH": "torchrun", "DPO_DS_NPROC_PER_NODE": "2"}
+    job = slurm.sbatch(sbatch_args(tmp_path, tiny_model_dir, "--max_steps", "2", "--save_steps", "none", tasks=1),
+                       ROOT, env)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 180)
+    log = slurm_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log[-6000:]
+    lines = log.splitlines()
+    for rank in (0, 1):  # both ranks print through the one task 0
+        assert any(line.startswith("0: ") and f"rank {rank}/2 (local rank {rank})" in line
+                   and "started by torch" in line for line in lines), log[-6000:]
     assert_two_rank_run(tmp_path / "out", 2)
 
 

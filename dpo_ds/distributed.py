@@ -22,10 +22,11 @@ import logging
 import os
 import socket
 import struct
-import subprocess
 from typing import MutableMapping, Optional
 
 import torch.distributed as dist
+
+from .hostfile import slurm_hostnames
 
 logger = logging.getLogger(__name__)
 IFNAME_VARIABLES = ("DPO_DS_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -87,20 +88,6 @@ def master_address(peer_hosts: list[str], env: Optional[MutableMapping[str, str]
         raise RuntimeError(f"cannot find an address of {here} that {others[0]} can reach; "
                            f"set MASTER_ADDR or DPO_DS_IFNAME (e.g. ib0)")
     return found
-
-
-def slurm_hostnames(nodelist: str) -> list[str]:
-    """Expand a Slurm node list (`n[01-04],gpu7`) with `scontrol show hostnames`, else in Python."""
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-        if out:
-            return out
-    except (OSError, subprocess.SubprocessError):
-        pass
-    from .hostfile import expand_nodelist
-
-    return expand_nodelist(nodelist)
 
 
 def slurm_port(job_id: str) -> int:

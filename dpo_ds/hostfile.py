@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
@@ -75,6 +76,18 @@ def _hint(line: str) -> str:
     return ""
 
 
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a Slurm node list with `scontrol show hostnames`, else (no Slurm config here) in Python."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return expand_nodelist(nodelist)
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand Slurm's compressed node list (`gpu[01-03,07],login1`, `r[1-2]n[1-2]`) like `scontrol show hostnames`."""
     names: list[str] = []
@@ -114,8 +127,6 @@ def slots_per_node(env: Optional[Mapping[str, str]] = None) -> int:
 
 def from_slurm(env: Optional[Mapping[str, str]] = None, slots: Optional[int] = None) -> str:
     """A hostfile for the current Slurm job: one `HOST slots=N` line per node of SLURM_JOB_NODELIST."""
-    from .distributed import slurm_hostnames
-
     env = os.environ if env is None else env
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +48,13 @@ def run(cmd: list[str], cwd: Path, env: dict = ENV, timeout: int = 180, expect: 
 def losses(out_dir: Path) -> dict[int, float]:
     """step -> loss, the last line written for each step."""
     return {r["global_step"]: r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r}
+
+
+def logged_steps(metrics: Path) -> int:
+    """Whole lines with a loss so far (the trainer may be writing the next one)."""
+    if not metrics.exists():
+        return 0
+    return sum('"loss"' in line for line in metrics.read_text().split("\n")[:-1])
 
 
 def assert_two_rank_run(out_dir: Path, steps: int) -> None:
@@ -189,8 +195,7 @@ def test_slurm_usr1_saves_requeues_and_resumes(tmp_path, tiny_model_dir, slurm):
     job = slurm.sbatch(sbatch_args(tmp_path, tiny_model_dir, "--max_steps", str(steps), "--save_steps", "none"),
                        ROOT, ENV)
     metrics = out_dir / "metrics.jsonl"
-    wait_until(lambda: metrics.exists() and len(losses(out_dir)) >= 2, 180,
-               "two logged steps before signalling")
+    wait_until(lambda: logged_steps(metrics) >= 2, 180, "two logged steps before signalling")
     # --batch: only the batch shell gets it; train.sbatch passes it on to the ranks through srun.
     slurm.run("scancel", "--signal=USR1", "--batch", job)
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)

@@ -41,7 +41,8 @@ fi
 exports=()
 for name in $(compgen -e); do
   case $name in
-    PATH|PYTHONPATH|PYTHONUNBUFFERED|LD_LIBRARY_PATH|TOKENIZERS_PARALLELISM|NCCL_*|GLOO_*|DS_*|DPO_DS_*|TORCH_*|HF_*|OMP_*|CUDA_*|MASTER_*)
+    PATH | PYTHONPATH | PYTHONUNBUFFERED | LD_LIBRARY_PATH | TOKENIZERS_PARALLELISM | \
+      NCCL_* | GLOO_* | DS_* | DPO_DS_* | TORCH_* | HF_* | OMP_* | CUDA_* | MASTER_*)
       exports+=(-x "$name") ;;
   esac
 done

@@ -45,7 +45,7 @@ def ssh_nodes(root: Path) -> Iterator[SshNodes]:
     (root / "sshd_config").write_text(
         f"Port {port}\n{listen}HostKey {root / 'host_key'}\nAuthorizedKeysFile {root / 'authorized_keys'}\n"
         f"PidFile {root / 'sshd.pid'}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-        "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nAcceptEnv no-such-variable\n")
+        "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n")
     hosts = "".join(f"Host {name}\n  HostName {addr}\n" for name, addr in ADDRESSES.items())
     (root / "ssh_config").write_text(
         f"{hosts}Host *\n  Port {port}\n  IdentityFile {root / 'id'}\n  IdentitiesOnly yes\n  BatchMode yes\n"

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .distributed import shutdown
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL in sysexits.h: "temporary failure, try again later"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -87,11 +89,10 @@ def stop_if_requested(step: int, save: Callable[[int], object], device: torch.de
     if not requested(device):
         return
     save(step)
-    from .distributed import shutdown
-
-    shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"dpo_ds: stopped after step {step}, checkpoint saved, because a rank got SIGTERM or SIGUSR1 "
               f"(exit code {EXIT_PREEMPTED})", file=sys.stderr)
+        # Before the last barrier: no rank exits (and makes a launcher kill the others) until this is done.
         requeue_slurm_job()
+    shutdown()
     raise Preempted(step)

@@ -359,6 +359,7 @@ def results_plot(records: list[dict], path: Path, num_gpus: int, runtime_rss: in
         title += f" (not shown, failed: {', '.join(failed)})"
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.15, y=0.1)  # room for the labels
     if ok:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

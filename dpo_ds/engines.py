@@ -7,9 +7,11 @@ checkpoint.py / distributed.py); the loop in trainer.py only calls
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import deepspeed
 import torch
@@ -45,29 +47,44 @@ class PreferenceModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
         completion_mask: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         with_stats: bool = True,
         with_log_sum_sq_probs: bool = False,
+        token_index: Optional[torch.Tensor] = None,
     ) -> LogProbs:
-        """Per-token outputs of shape [R, T-1] for the next-token labels.
+        """Per-token outputs of shape [S, T-1] for the next-token labels of S sequences.
 
-        input_ids, attention_mask, completion_mask: [R, T]. Position t of the
-        result scores token t+1; positions outside the completion are 0.
+        Padded batch: input_ids, attention_mask, completion_mask are all [S, T].
+        Packed batch (`dpo_ds.packing`): input_ids and position_ids are [R, N],
+        attention_mask is a 4D [R, 1, N, N] bool mask (or None for a varlen
+        kernel), and token_index [S, T] gives the flat position in input_ids of
+        token t of sequence s, whose completion_mask [S, T] is the padded one.
+        Position t of the result scores token t+1 of sequence s; positions
+        outside the completion are 0. Only completion positions reach the LM head.
         """
         if position_ids is None:
             # Correct positions under left padding too (right padding gives 0..T-1 on real tokens).
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool \
+                and self.model.config._attn_implementation == "eager":
+            # Eager attention adds the mask to the scores.
+            attention_mask = torch.zeros(attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device) \
+                .masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)
         hidden = self.model.get_decoder()(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state[:, :-1]
-        labels = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
+        ).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if token_index is None:
+            token_index = torch.arange(input_ids.numel(), device=input_ids.device).view(input_ids.shape)
+        scored = completion_mask[:, 1:] != 0
+        labels = input_ids.reshape(-1)[token_index[:, 1:][scored]]
         head = self.model.get_output_embeddings()
         out = linear_logprobs(
-            hidden.reshape(-1, hidden.shape[-1]),
+            hidden[token_index[:, :-1][scored]],
             head.weight,
-            labels.reshape(-1),
+            labels,
             bias=getattr(head, "bias", None),
             temperature=self.temperature,
             softcap=self.softcap,
@@ -76,8 +93,8 @@ class PreferenceModel(nn.Module):
             with_mean_logits=with_stats,
             with_log_sum_sq_probs=with_log_sum_sq_probs,
         )
-        shape = labels.shape
-        return LogProbs(*(None if t is None else t.view(shape) for t in out))
+        return LogProbs(*(None if t is None else torch.zeros(scored.shape, dtype=t.dtype, device=t.device)
+                          .masked_scatter(scored, t) for t in out))
 
 
 @dataclass
@@ -165,3 +182,100 @@ def build_reference_engine(model: nn.Module, args, ref_ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(model=module, config=ref_ds_config)
     engine.eval()
     return engine
+
+
+def _gathered(params: list[nn.Parameter], modifier_rank: Optional[int] = None):
+    """Full parameters for the duration of the block (one collective; a no-op without ZeRO-3)."""
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def is_partitioned(param: nn.Parameter) -> bool:
+    return getattr(param, "ds_id", None) is not None
+
+
+def release_gathered(engine) -> None:
+    """Finish ZeRO-3 prefetches and re-partition every gathered parameter of an engine (a no-op for
+    anything else), so that its parameters can then be gathered one at a time."""
+    if hasattr(engine, "empty_partition_cache"):
+        engine.empty_partition_cache()
+
+
+def weights_digest(named_params: Iterable[tuple[str, nn.Parameter]]) -> str:
+    """SHA-256 of the real weights (name, dtype, shape and bytes of each), identical on every rank.
+
+    Under ZeRO-3 a parameter's local `.data` is an empty placeholder, so each
+    one is gathered, hashed and released in turn: one parameter in full at a
+    time, never the whole model. Collective: every rank must call it with the
+    same names.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(named_params, key=lambda item: item[0]):
+        with _gathered([param]):
+            data = param.data.detach().to("cpu").contiguous()
+            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mix_weights(target: nn.Module, source: nn.Module, alpha: float) -> None:
+    """TR-DPO (arXiv 2404.09656): target <- alpha * source + (1 - alpha) * target, parameter by parameter.
+
+    The two modules must have the same parameter names. Under ZeRO-3 each pair
+    is gathered in turn (the target with rank 0 as the writer, whose result is
+    scattered back into the partitions), so at most one parameter of each model
+    is ever whole.
+    """
+    sources = dict(source.named_parameters())
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for name, param in target.named_parameters():
+        if name not in sources:
+            raise KeyError(f"mix_weights: the source model has no parameter {name!r}")
+        with _gathered([sources[name]]), _gathered([param], modifier_rank=0), torch.no_grad():
+            if rank == 0 or not is_partitioned(param):
+                update = sources[name].data.to(param.device, param.dtype)
+                param.data.mul_(1.0 - alpha).add_(update, alpha=alpha)
+
+
+
+def export_peft(engine, model, tokenizer, out_dir: str | Path) -> Path:
+    """A LoRA policy as its adapter in PEFT's format (`out_dir/adapter`) and merged into a plain model (`out_dir`).
+
+    Collective: every rank gathers. The merge happens on rank 0, on a CPU copy
+    built from the model's config and the gathered weights, with PEFT's own
+    `merge_and_unload`.
+    """
+    from peft import get_peft_model
+
+    from .checkpoint import _meta_model, check_shapes, consolidated_state_dict
+    from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER
+
+    state = consolidated_state_dict(engine)
+    out = Path(out_dir)
+    if state is not None:
+        state = {k: v for k, v in state.items() if f".{REFERENCE_ADAPTER}." not in k}
+        adapter_config = model.peft_config[TRAINABLE_ADAPTER]
+        model.save_pretrained(out / "adapter", state_dict=state, selected_adapters=[TRAINABLE_ADAPTER],
+                              safe_serialization=True)
+        base_config = model.get_base_model().config
+        skeleton = _meta_model(base_config).to_empty(device="cpu")
+        skeleton.tie_weights()
+        copy_ = get_peft_model(skeleton, copy.deepcopy(adapter_config), adapter_name=TRAINABLE_ADAPTER,
+                               autocast_adapter_dtype=False)
+        missing, unexpected = copy_.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not _tied_head(k, base_config)]
+        if missing or unexpected:
+            raise RuntimeError(f"refusing to export: merged copy lacks {missing[:5]} / has no place for {unexpected[:5]}")
+        merged = copy_.merge_and_unload()
+        merged_state = merged.state_dict()
+        check_shapes(merged_state, base_config)
+        merged.save_pretrained(out, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+            tokenizer.save_pretrained(out / "adapter")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return out
+
+
+def _tied_head(key: str, config) -> bool:
+    return key.endswith("lm_head.weight") and bool(getattr(config, "tie_word_embeddings", False))

@@ -1,0 +1,155 @@
+"""Padding-free and prefix-sharing layouts of a collated preference batch.
+
+The collator's padded batch (`[2B, T]`, chosen rows then rejected rows) stays
+the batch everything downstream reads: completion mask, sequence sums, metrics.
+A layout only changes what the model *runs on*: the real tokens, laid out in
+fewer rows, with `position_ids` and an attention mask that keep each sequence
+to itself. `token_index [2B, T]` says where token `t` of padded row `i` sits in
+the flattened model input, so `PreferenceModel` can hand back per-token
+outputs in the padded layout.
+
+- `padded`: the batch as collated (no `token_index`).
+- `padding_free`: the 2B sequences are packed first-fit-decreasing into rows of
+  at most `max_length` tokens, positions restarting at 0 per sequence, and a
+  block-diagonal causal mask `[R, 1, N, N]` (sdpa/eager). With a varlen kernel
+  (flash attention) everything goes into one row with no mask: the kernel
+  finds the sequence boundaries from `position_ids`.
+- `prefix_sharing`: one unit per pair, `prompt + chosen + rejected`, the prompt
+  run once. Both completions attend to the prompt and causally to themselves,
+  never to each other, and their positions continue from the prompt's end, so
+  every token sees exactly the context (and position) it has in the padded batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+LAYOUTS = ("padded", "padding_free", "prefix_sharing")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+_PROMPT, _CHOSEN, _REJECTED = 0, 1, 2
+
+
+def layout_name(args) -> str:
+    """The layout a DPOConfig asks for."""
+    if getattr(args, "prefix_sharing", False):
+        return "prefix_sharing"
+    return "padding_free" if getattr(args, "padding_free", False) else "padded"
+
+
+def model_inputs(batch: dict, layout: str = "padded", max_length: Optional[int] = None,
+                 attn_implementation: str = "sdpa", pad_to_multiple_of: Optional[int] = None) -> dict[str, Tensor]:
+    """Keyword arguments of `PreferenceModel.forward` for a collated batch in `layout`."""
+    padded = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
+    if layout == "padded":
+        return padded
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    varlen = attn_implementation in VARLEN_ATTENTION
+    if layout == "prefix_sharing" and varlen:
+        raise ValueError(f"prefix_sharing needs a 4D attention mask, which attn_implementation="
+                         f"{attn_implementation!r} cannot take; use sdpa or eager")
+    units = _units(padded, shared_prompt=layout == "prefix_sharing")
+    capacity = None if varlen else max([max_length or 0] + [u.length for u in units])
+    packed = _pack(units, capacity, pad_to_multiple_of, batch["input_ids"].shape)
+    return {**packed, "completion_mask": padded["completion_mask"]}
+
+
+def inputs_for(batch: dict, args, device) -> dict[str, Optional[Tensor]]:
+    """`model_inputs` in the layout a DPOConfig asks for, on `device`."""
+    inputs = model_inputs(batch, layout_name(args), args.max_length, args.attn_implementation, args.pad_to_multiple_of)
+    return {k: None if v is None else v.to(device) for k, v in inputs.items()}
+
+
+class _Unit:
+    """Tokens that must sit in one packed row: one sequence, or a pair with its shared prompt.
+
+    Each part is (kind, token ids, the (padded row, columns) it serves, its first position); a
+    shared prompt serves both rows of its pair (at different columns under left padding).
+    """
+
+    def __init__(self, parts: list[tuple[int, Tensor, list[tuple[int, Tensor]], int]]) -> None:
+        self.parts = parts
+        self.length = sum(len(ids) for _, ids, *_ in parts)
+
+
+def _units(batch: dict[str, Tensor], shared_prompt: bool) -> list[_Unit]:
+    input_ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    rows = input_ids.shape[0]
+    columns = [attention[i].nonzero().squeeze(1) for i in range(rows)]
+    if not shared_prompt:
+        return [_Unit([(_PROMPT, input_ids[i, cols], [(i, cols)], 0)]) for i, cols in enumerate(columns)]
+    pairs = rows // 2
+    units = []
+    for c in range(pairs):
+        r = c + pairs
+        prompt_len = int((completion[c, columns[c]] == 0).sum())
+        prompt = input_ids[c, columns[c][:prompt_len]]
+        if int((completion[r, columns[r]] == 0).sum()) != prompt_len or not torch.equal(
+                prompt, input_ids[r, columns[r][:prompt_len]]):
+            raise ValueError(f"prefix_sharing: pair {c} has different prompts in its chosen and rejected rows")
+        parts = [(_PROMPT, prompt, [(c, columns[c][:prompt_len]), (r, columns[r][:prompt_len])], 0)]
+        for kind, row in ((_CHOSEN, c), (_REJECTED, r)):
+            cols = columns[row][prompt_len:]
+            parts.append((kind, input_ids[row, cols], [(row, cols)], prompt_len))
+        units.append(_Unit(parts))
+    return units
+
+
+def _pack(units: list[_Unit], capacity: Optional[int], multiple: Optional[int], padded_shape: torch.Size) -> dict:
+    """First-fit decreasing into rows of `capacity` tokens (None: one row, no mask)."""
+    bins: list[list[_Unit]] = []
+    fill: list[int] = []
+    for unit in sorted(units, key=lambda u: -u.length):
+        for b, used in enumerate(fill):
+            if capacity is None or used + unit.length <= capacity:
+                bins[b].append(unit)
+                fill[b] += unit.length
+                break
+        else:
+            bins.append([unit])
+            fill.append(unit.length)
+    width = max(fill)
+    if multiple:
+        width = -(-width // multiple) * multiple
+    n_rows = len(bins)
+    input_ids = torch.zeros(n_rows, width, dtype=torch.long)
+    position_ids = torch.zeros(n_rows, width, dtype=torch.long)
+    segment = torch.full((n_rows, width), -1, dtype=torch.long)
+    kind = torch.zeros(n_rows, width, dtype=torch.long)
+    token_index = torch.zeros(padded_shape, dtype=torch.long)
+    for b, members in enumerate(bins):
+        start = 0
+        for s, unit in enumerate(members):
+            for part, ids, serves, first_pos in unit.parts:
+                where = torch.arange(start, start + len(ids))
+                input_ids[b, where] = ids
+                position_ids[b, where] = torch.arange(first_pos, first_pos + len(ids))
+                segment[b, where] = s
+                kind[b, where] = part
+                for row, cols in serves:
+                    token_index[row, cols] = b * width + where
+                start += len(ids)
+        if start < width:  # the tail: one more causal segment, so no query row is left with nothing to attend to
+            position_ids[b, start:] = torch.arange(width - start)
+            segment[b, start:] = len(members)
+    out = {"input_ids": input_ids, "position_ids": position_ids, "token_index": token_index}
+    if capacity is None:
+        out["attention_mask"] = None
+        return out
+    out["attention_mask"] = attention_mask_4d(segment, kind)
+    return out
+
+
+def attention_mask_4d(segment: Tensor, kind: Tensor) -> Tensor:
+    """`[R, 1, N, N]` bool, True where query q may attend key k.
+
+    Same unit, k not after q, and never a rejected-completion query on a
+    chosen-completion key (the only cross-part case that order alone allows).
+    """
+    n = segment.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    same = segment.unsqueeze(2) == segment.unsqueeze(1)
+    crossed = (kind.unsqueeze(2) == _REJECTED) & (kind.unsqueeze(1) == _CHOSEN)
+    return (same & causal & ~crossed).unsqueeze(1)

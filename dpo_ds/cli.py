@@ -165,10 +165,42 @@ def hostfile(argv: list[str]) -> int:
     return hostfile_cli(argv)
 
 
+PRECOMPUTE_REF_USAGE = """usage: dpo-ds precompute-ref [--config run.yaml] [--any_training_flag VALUE ...]
+
+Run the reference model once over the train and eval sets of a training config and cache its sequence
+log-probs where `precompute_ref_log_probs: true` training looks for them (ref_cache_dir). The cache key
+covers the tokenized data, the reference's weights and every setting that changes the values, so a
+training run reuses the cache exactly when it would compute the same numbers. An interrupted pass
+resumes where it stopped. Several ranks: `deepspeed --module dpo_ds.cli precompute-ref ...`."""
+
+
+def precompute_ref(argv: list[str]) -> int:
+    """``dpo-ds precompute-ref``: cache the reference log-probs of a run's data."""
+    config, remaining = parse_known(argv)
+    if "-h" in remaining or "--help" in remaining:
+        print(PRECOMPUTE_REF_USAGE)
+        return 0
+    if remaining:
+        raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds precompute-ref --help")
+    from dpo_ds import distributed
+    from dpo_ds.reference import run_precompute
+
+    config.precompute_ref_log_probs = True
+    distributed.init()
+    try:
+        directories = run_precompute(config)
+    finally:
+        distributed.shutdown()
+    for split, directory in directories.items():
+        print(f"dpo-ds precompute-ref: {split} split cached in {directory}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data-check": data_check,
     "train": train,
     "export": export,
+    "precompute-ref": precompute_ref,
     "hostfile": hostfile,
     "estimate": estimate_main,
     "sweep": sweep_main,

@@ -104,7 +104,9 @@ class DPOConfig:
     pad_to_multiple_of: Optional[int] = None
     """Pad each batch's length up to a multiple of this (helps tensor-core kernels); None = no rounding."""
     padding_free: bool = False
-    """Pack each batch into one row with position_ids instead of padding (needs a varlen attention kernel)."""
+    """Pack each batch's sequences into rows of up to max_length tokens (per-sequence positions, no cross-attention)."""
+    prefix_sharing: bool = False
+    """Run each pair's prompt once; both completions attend to it, not to each other (packs too; sdpa/eager only)."""
     on_bad_row: str = "error"
     """What a malformed dataset row does: error (stop, naming the row) or skip (drop it and count it)."""
 
@@ -157,6 +159,8 @@ class DPOConfig:
     """TR-DPO alpha: reference = alpha * policy + (1 - alpha) * reference."""
     ref_model_sync_steps: int = 512
     """TR-DPO: optimizer steps between reference updates."""
+    ref_cache_dir: Optional[str] = None
+    """Directory of precomputed reference log-prob caches (storage all nodes share); None = $DPO_DS_CACHE/ref_logps."""
 
     # PEFT
     use_peft: bool = False
@@ -169,6 +173,10 @@ class DPOConfig:
     """Dropout on the LoRA input."""
     lora_target_modules: Optional[list[str]] = None
     """Module names that get adapters (e.g. q_proj v_proj, or all-linear); None = PEFT's default for the model."""
+    peft_config: dict = field(default_factory=dict)
+    """Further LoraConfig arguments (use_rslora, use_dora, modules_to_save, ...), as a mapping or a JSON object."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base weights in 4-bit NF4 with bitsandbytes (CUDA only)."""
 
     # Training
     output_dir: str = "outputs/dpo"
@@ -356,11 +364,28 @@ class DPOConfig:
                 if getattr(self, name):
                     raise ConfigError(f"reference_free=true uses no reference model, so {name}="
                                       f"{getattr(self, name)!r} would do nothing", "reference_free", name)
+        self._check_reference_and_layout()
         kwargs_attn = self.model_init_kwargs.get("attn_implementation")
         if kwargs_attn is not None and kwargs_attn != self.attn_implementation:
             raise ConfigError(
                 f"model_init_kwargs.attn_implementation={kwargs_attn!r} contradicts attn_implementation="
                 f"{self.attn_implementation!r}: set attn_implementation only", "attn_implementation", "model_init_kwargs")
+
+    def _check_reference_and_layout(self) -> None:
+        if self.ref_cache_dir is not None and not self.precompute_ref_log_probs:
+            raise ConfigError("ref_cache_dir is set but precompute_ref_log_probs is false",
+                              "ref_cache_dir", "precompute_ref_log_probs")
+        for name in ("peft_config", "load_in_4bit"):
+            if getattr(self, name) and not self.use_peft:
+                raise ConfigError(f"{name}={getattr(self, name)!r} needs use_peft=true", name, "use_peft")
+        if self.use_peft and self.ref_model_name_or_path:
+            raise ConfigError("use_peft=true takes the policy with its adapters disabled as the reference, so "
+                              f"ref_model_name_or_path={self.ref_model_name_or_path!r} would be ignored; drop one",
+                              "use_peft", "ref_model_name_or_path")
+        if self.prefix_sharing and self.attn_implementation.startswith("flash_attention"):
+            raise ConfigError(f"prefix_sharing needs a 4D attention mask, which attn_implementation="
+                              f"{self.attn_implementation!r} cannot take: use sdpa or eager",
+                              "prefix_sharing", "attn_implementation")
 
 
 def _validate_losses(cfg: DPOConfig) -> None:

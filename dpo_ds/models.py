@@ -174,6 +174,8 @@ def load_tokenizer(name_or_path: str, args: Any = None) -> PreTrainedTokenizerBa
     EOS appended to completions match what the model emits at the end of a reply.
     """
     source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
+    if not (Path(source) / "tokenizer_config.json").is_file():
+        source = adapter_base_path(source) or source
     revision = (getattr(args, "model_init_kwargs", None) or {}).get("revision")
     if revision is not None:
         extra["revision"] = revision
@@ -230,6 +232,8 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
         _check_attention_available(attn)
         kwargs["attn_implementation"] = attn
         kwargs.setdefault("trust_remote_code", bool(getattr(args, "trust_remote_code", False)))
+        if getattr(args, "load_in_4bit", False):
+            kwargs["quantization_config"] = _nf4_config(kwargs["dtype"])
         source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
         model = AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
         if extra:
@@ -237,6 +241,20 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
     if getattr(args, "disable_dropout", False):
         disable_dropout(model)
     return model
+
+
+def _nf4_config(dtype: Any) -> Any:
+    """QLoRA's 4-bit NF4 weights, stored in `dtype` tensors so that ZeRO-3 partitions one dtype."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit kernels do not run on "
+                           "this machine; train LoRA in full precision (use_peft without load_in_4bit) instead")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("load_in_4bit (QLoRA) needs the 'bitsandbytes' package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
 
 
 def _torch_dtype(dtype: Any) -> Any:
@@ -296,3 +314,103 @@ def model_flops_per_token(config: PretrainedConfig, seq_len: int = 0) -> int:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     attention = 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
     return 6 * matmul_params + attention
+
+
+# ----------------------------------------------------------------------------- PEFT
+
+TRAINABLE_ADAPTER = "default"
+REFERENCE_ADAPTER = "reference"
+"""The frozen copy of the adapter a run continues from: that run's reference."""
+
+
+def adapter_base_path(path: str) -> str | None:
+    """The base model named by a PEFT adapter directory (`adapter_config.json`), None for anything else."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path: cannot tell which model the adapter is for")
+    return base
+
+
+def is_peft_model(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def lora_config(args: Any) -> Any:
+    """LoraConfig from `use_peft`'s flags (lora_r, lora_alpha, lora_dropout, lora_target_modules, peft_config)."""
+    from peft import LoraConfig
+
+    kwargs = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                  target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+    kwargs.update(getattr(args, "peft_config", None) or {})
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"peft_config / lora_* flags do not make a LoraConfig: {exc}") from exc
+
+
+def load_policy_model(source: str | nn.Module, args: Any, peft_config: Any = None) -> nn.Module:
+    """The policy: `load_model`, wrapped in LoRA adapters when `args.use_peft` (or `peft_config` is given).
+
+    A PEFT adapter directory (or an in-memory `PeftModel`) continues that adapter: it stays trainable, and a
+    frozen copy of it, named `REFERENCE_ADAPTER`, serves as the reference. Adapters take the base
+    weights' dtype, so that ZeRO-3 partitions one dtype (PEFT would otherwise upcast them to fp32).
+    """
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(source, str) and adapter_base_path(resolve_model_path(source)) is not None:
+        adapter_dir = resolve_model_path(source)
+        base = load_model(adapter_base_path(adapter_dir), args)
+        model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=TRAINABLE_ADAPTER, is_trainable=True,
+                                          autocast_adapter_dtype=False)
+    elif isinstance(source, PeftModel):
+        model = source
+    else:
+        model = load_model(source, args)
+        if not (getattr(args, "use_peft", False) or peft_config is not None):
+            return model
+        model = get_peft_model(model, peft_config or lora_config(args), adapter_name=TRAINABLE_ADAPTER,
+                               autocast_adapter_dtype=False)
+        _check_head_untouched(model)
+        _cast_adapters(model)
+        return model
+    if TRAINABLE_ADAPTER not in model.peft_config:
+        raise ValueError(f"the PEFT model's adapters are {list(model.peft_config)}; dpo_ds continues the one named "
+                         f"{TRAINABLE_ADAPTER!r}")
+    _check_head_untouched(model)
+    _add_reference_adapter(model)
+    _cast_adapters(model)
+    return model
+
+
+def _add_reference_adapter(model: Any) -> None:
+    """A frozen copy of the trainable adapter, under REFERENCE_ADAPTER."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config[TRAINABLE_ADAPTER])
+    state = get_peft_model_state_dict(model, adapter_name=TRAINABLE_ADAPTER)
+    set_peft_model_state_dict(model, state, adapter_name=REFERENCE_ADAPTER)
+    model.set_adapter(TRAINABLE_ADAPTER)
+    for name, param in model.named_parameters():
+        if f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
+
+
+def _check_head_untouched(model: Any) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+        raise ValueError("lora_target_modules includes the LM head, which dpo_ds applies through its fused "
+                         "log-prob op without the adapter; leave the head out (e.g. all-linear excludes it)")
+
+
+def _cast_adapters(model: Any) -> None:
+    base = next(p for n, p in model.named_parameters() if "lora_" not in n)
+    dtype = base.dtype if base.dtype.is_floating_point else torch.float32
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)

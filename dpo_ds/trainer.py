@@ -24,11 +24,13 @@ from . import checkpoint, preemption
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
-from .engines import Engines, build_policy_engine, build_reference_engine, load_for_engine
-from .losses import PairLogps, compute_loss, needs_reference
+from .engines import Engines, build_policy_engine, export_peft, load_for_engine
+from .losses import compute_loss
 from .metrics import MeanAccumulator, MetricsSink, pair_metrics, token_metrics
-from .models import disable_dropout, load_model, load_tokenizer, resolve_model_path
-from .ops import sequence_logps
+from .models import (adapter_base_path, disable_dropout, is_peft_model, load_model, load_policy_model, load_tokenizer,
+                     resolve_model_path)
+from .packing import inputs_for
+from .reference import build_reference, pair_logps
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +92,9 @@ class DPOTrainer:
     """
 
     def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None):
+                 eval_dataset=None, processing_class=None, peft_config=None):
         self.args = args or DPOConfig()
+        self.peft_config = peft_config
         a = self.args
         seed_everything(a.seed)
         model = model if model is not None else a.model_name_or_path
@@ -115,24 +118,25 @@ class DPOTrainer:
         if hidden is None:
             from transformers import AutoConfig
 
-            hidden = getattr(AutoConfig.from_pretrained(load, trust_remote_code=a.trust_remote_code),
-                             "hidden_size", None)
+            hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(load) or load,
+                                                        trust_remote_code=a.trust_remote_code), "hidden_size", None)
         ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
         policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
         self.model = policy_model
         policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
 
-        reference, ref_ds = None, None
-        if needs_reference(a):
-            ref_ds = reference_deepspeed_config(a, ds_config)
-            ref_source = ref_model if ref_model is not None else (
-                resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else load)
-            ref, ref_handle = load_for_engine(lambda: self._load(ref_source, fresh=True), ref_ds)
-            reference = build_reference_engine(ref, a, ref_ds)
-            del ref_handle
+        ref_source = ref_model if ref_model is not None else (
+            resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else load)
+        splits = {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
+        self.reference, reference = build_reference(
+            a, policy, lambda: self._load(ref_source, fresh=True), lambda: reference_deepspeed_config(a, ds_config),
+            splits, lambda rows: inputs_for(self.collator(rows), a, policy.device),
+            {"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
+            separate_model=ref_model is not None or bool(a.ref_model_name_or_path))
         # The policy's ZeRO settings stay the ones transformers sees during training.
         _, handle = load_for_engine(lambda: None, ds_config)
-        self.engines = Engines(policy, reference, ds_config, ref_ds, handle)
+        self.engines = Engines(policy, reference, ds_config,
+                               reference_deepspeed_config(a, ds_config) if reference is not None else None, handle)
 
         # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
         self.window = torch.zeros(2, dtype=torch.float64)
@@ -162,7 +166,7 @@ class DPOTrainer:
 
             model = copy.deepcopy(source)
         else:
-            model = load_model(source, a)
+            model = load_model(source, a) if fresh else load_policy_model(source, a, self.peft_config)
         if a.disable_dropout:
             disable_dropout(model)
         return model
@@ -171,35 +175,20 @@ class DPOTrainer:
     def _forward(self, batch: dict, weights: torch.Tensor, acc: MeanAccumulator, train: bool):
         """Loss of one micro-batch; adds its metrics (weighted by `weights`, 0 for padding slots)."""
         a = self.args
-        policy, reference = self.engines.policy, self.engines.reference
-        inputs = {k: batch[k].to(policy.device) for k in ("input_ids", "attention_mask", "completion_mask")}
-        out = policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting)
+        inputs = inputs_for(batch, a, self.engines.policy.device)
+        # The reference first: an adapter-switching reference must not run between the policy's forward and backward.
+        ref = self.reference.pair_logps(inputs, batch.get("row_index"), "train" if train else "eval")
+        out = self.engines.policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting)
         mask = inputs["completion_mask"][:, 1:].to(torch.float32)
-        pol = self._pair_logps(out.logps, mask, out.log_sum_sq_probs)
-        ref = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_out = reference(**inputs, with_stats=False)
-            ref = self._pair_logps(ref_out.logps, mask, None)
+        pol = pair_logps(out.logps, mask, a.ld_alpha, out.log_sum_sq_probs)
         loss_out = compute_loss(a, pol, ref)
         self._add_metrics(acc, loss_out, pol, out, mask, weights)
-        self.window += torch.stack([(inputs["attention_mask"].float().cpu() * weights.repeat(2).unsqueeze(1)).sum(),
+        self.window += torch.stack([(batch["attention_mask"].float() * weights.repeat(2).unsqueeze(1)).sum(),
                                     weights.sum()])
         if not train:
             return None
         # Padding slots carry no weight in the loss either.
         return (loss_out.per_pair * weights).sum() / weights.sum().clamp(min=1)
-
-    def _pair_logps(self, token_logps, mask, log_sum_sq_probs) -> PairLogps:
-        seq = sequence_logps(token_logps, mask, self.args.ld_alpha)
-        lengths = mask.sum(1)
-        wpo = None
-        if log_sum_sq_probs is not None:
-            wpo = ((token_logps - log_sum_sq_probs).detach() * mask).sum(1) / lengths.clamp(min=1)
-        chosen, rejected = seq.chunk(2)
-        lc, lr = lengths.chunk(2)
-        wc, wr = wpo.chunk(2) if wpo is not None else (None, None)
-        return PairLogps(chosen, rejected, lc, lr, wc, wr)
 
     @staticmethod
     def _add_metrics(acc, loss_out, pol, out, mask, weights) -> None:
@@ -228,6 +217,7 @@ class DPOTrainer:
         resume = checkpoint.resolve_resume(a.resume_from_checkpoint, a.output_dir)
         if resume is not None:
             client = checkpoint.load(policy, resume)
+            self.reference.load(resume)
             self.state.update({k: client[k] for k in self.state})
             _set_rng_state(client["rng"])
             logger.info("resumed from %s at step %d", resume, self.state["global_step"])
@@ -258,6 +248,7 @@ class DPOTrainer:
                     continue
                 self.state["global_step"] += 1
                 step = self.state["global_step"]
+                self.reference.after_step(step)
                 grad_norm = policy.get_global_grad_norm()
                 acc.add("grad_norm", float(grad_norm) if grad_norm is not None else float("nan"), 1.0)
                 if step % a.logging_steps == 0 or step == self.total_steps:
@@ -353,11 +344,19 @@ class DPOTrainer:
     # ----------------------------------------------------------------- saving
     def save(self, step: int) -> Path:
         client = {**self.state, "rng": _rng_state()}
+        # Inside the checkpoint directory before checkpoint.save marks it complete.
+        self.reference.save(Path(self.args.output_dir) / f"checkpoint-{step}")
         return checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit)
 
     def export(self, out_dir: Optional[str] = None) -> Path:
-        """Save the policy in Hugging Face format (collective: call on every rank)."""
+        """Save the policy in Hugging Face format (collective: call on every rank).
+
+        A LoRA policy is saved twice: its adapter in PEFT's format under `adapter/`, and merged into the
+        base weights as a plain model.
+        """
         out = out_dir or os.path.join(self.args.output_dir, "final")
+        if is_peft_model(self.model):
+            return export_peft(self.engines.policy, self.model, self.tokenizer, out)
         return checkpoint.export_hf(self.engines.policy, self.model, self.tokenizer, out)
 
     def close(self) -> None:

@@ -1,0 +1,425 @@
+"""Reference log-probs: where they come from, decided once per run by `build_reference`.
+
+- `Reference` (the base): none at all, for the reference-free losses; no
+  reference model is ever built.
+- `EngineReference`: a forward of an inference-only engine (ZeRO-3,
+  parameters offloadable), under no_grad. With TR-DPO (`sync_ref_model`) its
+  weights move towards the policy's every `ref_model_sync_steps` steps.
+- `AdapterReference`: the LoRA policy itself with its adapters disabled, or
+  with the frozen copy of the adapter the run started from: no second model.
+- `CachedReference`: values computed once, by one of the two above, over the
+  train and eval sets (`precompute`), then read by row index: training runs
+  with no reference model in memory.
+
+Sequence log-probs always come from `pair_logps`, the same per-row math for
+the policy, an online reference and the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .engines import build_reference_engine, load_for_engine, mix_weights, release_gathered, weights_digest
+from .losses import PairLogps, needs_reference
+from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER, cache_dir, is_peft_model
+from .ops import sequence_logps
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+"""Bumped whenever what a cache holds changes meaning, so an old cache is never read as a new one."""
+_DATA_COLUMNS = ("row_index", "prompt_ids", "chosen_ids", "rejected_ids")
+# DPOConfig fields that change the reference's values for the same token ids and weights.
+_VALUE_SETTINGS = ("temperature", "logit_softcap", "ld_alpha", "attn_implementation", "bf16", "fp16")
+# ... and those that decide the token ids (already in the data fingerprint; kept so the manifest tells).
+_TOKEN_SETTINGS = ("max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "eos_token",
+                   "chat_template_path")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def pair_logps(token_logps: Tensor, mask: Tensor, ld_alpha: Optional[float] = None,
+               log_sum_sq_probs: Optional[Tensor] = None) -> PairLogps:
+    """Per-pair sequence log-probs from per-token ones.
+
+    token_logps, mask: [2B, T-1], chosen rows then rejected rows; mask is the
+    completion mask shifted to the label positions. With `log_sum_sq_probs`
+    the WPO terms (mean over completion tokens of logp - log sum_v p_v^2) are
+    filled in too.
+    """
+    seq = sequence_logps(token_logps, mask, ld_alpha)
+    lengths = mask.sum(1)
+    wpo = None
+    if log_sum_sq_probs is not None:
+        wpo = ((token_logps - log_sum_sq_probs).detach() * mask).sum(1) / lengths.clamp(min=1)
+    chosen, rejected = seq.chunk(2)
+    lc, lr = lengths.chunk(2)
+    wc, wr = wpo.chunk(2) if wpo is not None else (None, None)
+    return PairLogps(chosen, rejected, lc, lr, wc, wr)
+
+
+def _label_mask(inputs: dict) -> Tensor:
+    return inputs["completion_mask"][:, 1:].to(torch.float32)
+
+
+class Reference:
+    """No reference model: the reference-free losses."""
+
+    def pair_logps(self, inputs: dict, row_index: Optional[Tensor], split: str) -> Optional[PairLogps]:
+        """The reference's PairLogps for a batch (`inputs` as PreferenceModel takes them), or None."""
+        return None
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step."""
+
+    def save(self, directory: Path) -> None:
+        """Write what a resumed run needs into a checkpoint directory (collective)."""
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote (collective)."""
+
+
+class _OnlineReference(Reference):
+    """A model forward per batch, in eval mode and without gradients.
+
+    `engine` is a DeepSpeed engine around a PreferenceModel, or a bare PreferenceModel.
+    """
+
+    def __init__(self, engine, ld_alpha: Optional[float]):
+        self.engine = engine
+        self.module = getattr(engine, "module", engine)
+        self.ld_alpha = ld_alpha
+
+    def _context(self):
+        return contextlib.nullcontext()
+
+    def token_logps(self, inputs: dict) -> Tensor:
+        """Per-token reference log-probs [2B, T-1] (0 outside the completions)."""
+        was_training = self.engine.training
+        self.engine.eval()
+        try:
+            with torch.no_grad(), self._context():
+                return self.engine(**inputs, with_stats=False).logps
+        finally:
+            self.engine.train(was_training)
+
+    def pair_logps(self, inputs: dict, row_index: Optional[Tensor], split: str) -> PairLogps:
+        return pair_logps(self.token_logps(inputs), _label_mask(inputs), self.ld_alpha)
+
+    def identity(self) -> list[tuple[str, Any]]:
+        """The (name, parameter) pairs this reference's values depend on: hashed into the cache key."""
+        return list(self.module.named_parameters())
+
+
+class EngineReference(_OnlineReference):
+    """A separate inference engine (or, for a precomputation, the policy before its first step).
+
+    With `sync_every`, TR-DPO: after every `sync_every` optimizer steps the
+    reference becomes alpha * policy + (1 - alpha) * reference (arXiv 2404.09656).
+    """
+
+    def __init__(self, engine, ld_alpha: Optional[float], policy=None, alpha: float = 0.0, sync_every: int = 0):
+        super().__init__(engine, ld_alpha)
+        self.policy, self.alpha, self.sync_every = policy, alpha, sync_every
+
+    def after_step(self, step: int) -> None:
+        if self.sync_every and step % self.sync_every == 0:
+            release_gathered(self.engine)
+            release_gathered(self.policy)
+            mix_weights(self.module, getattr(self.policy, "module", self.policy), self.alpha)
+
+    def _state_file(self, directory: Path) -> Path:
+        return Path(directory) / f"reference_rank{_rank()}_of_{_world()}.pt"
+
+    def save(self, directory: Path) -> None:
+        """TR-DPO's moved reference: each rank writes its own ZeRO-3 partitions (rank 0 all of a replicated one)."""
+        if not self.sync_every:
+            return
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save({name: _local(p).detach() for name, p in self.module.named_parameters()}, self._state_file(directory))
+
+    def load(self, directory: Path) -> None:
+        if not self.sync_every:
+            return
+        path = self._state_file(directory)
+        if not path.exists():
+            raise FileNotFoundError(f"{directory} holds no TR-DPO reference weights for rank {_rank()} of "
+                                    f"{_world()} ({path.name}): resume sync_ref_model runs on the same number of ranks")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, param in self.module.named_parameters():
+                _local(param).copy_(state[name])
+
+
+def _local(param) -> Tensor:
+    """This rank's own storage of a parameter: its ZeRO-3 partition, or the whole tensor."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+
+
+class AdapterReference(_OnlineReference):
+    """The LoRA policy as its own reference: adapters disabled, or the frozen starting adapter active."""
+
+    def __init__(self, engine, ld_alpha: Optional[float]):
+        super().__init__(engine, ld_alpha)
+        self.peft_model = self.module.model
+        self.adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in self.peft_model.peft_config else None
+
+    @contextlib.contextmanager
+    def _context(self):
+        if self.adapter is None:
+            with self.peft_model.disable_adapter():
+                yield
+            return
+        self.peft_model.set_adapter(self.adapter, inference_mode=True)
+        try:
+            yield
+        finally:
+            self.peft_model.set_adapter(TRAINABLE_ADAPTER)
+
+    def identity(self) -> list[tuple[str, Any]]:
+        """Base weights (and the reference adapter), never the adapter being trained."""
+        return [(n, p) for n, p in super().identity() if f".{TRAINABLE_ADAPTER}." not in n
+                and (self.adapter is not None or "lora_" not in n)]
+
+
+class CachedReference(Reference):
+    """Precomputed sequence log-probs, looked up by the rows' `row_index`.
+
+    tables: split -> [rows, 2] float32 (chosen, rejected) at row_index, NaN where absent.
+    """
+
+    def __init__(self, tables: dict[str, Tensor], directories: dict[str, Path]):
+        self.tables, self.directories = tables, directories
+
+    def pair_logps(self, inputs: dict, row_index: Optional[Tensor], split: str) -> PairLogps:
+        if row_index is None:
+            raise ValueError("precomputed reference log-probs need the batch's row_index")
+        table = self.tables[split]
+        rows = row_index.cpu()
+        values = table[rows.clamp(max=len(table) - 1)]
+        missing = (rows >= len(table)) | values.isnan().any(1)
+        if missing.any():
+            raise RuntimeError(f"the reference cache {self.directories[split]} has no values for {split} rows "
+                               f"{rows[missing].tolist()}")
+        mask = _label_mask(inputs)
+        values = values.to(mask.device)
+        lc, lr = mask.sum(1).chunk(2)
+        return PairLogps(values[:, 0], values[:, 1], lc, lr)
+
+
+# ----------------------------------------------------------------------------- the cache
+
+def dataset_fingerprint(dataset) -> str:
+    """SHA-256 of the tokenized rows (row_index and the prompt/chosen/rejected ids): exact, and the same
+    in every process that tokenizes the same data with the same settings."""
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    table = dataset.select_columns(list(_DATA_COLUMNS)).with_format("arrow")
+    for batch in table.iter(batch_size=65536):
+        for name in _DATA_COLUMNS:
+            column = batch[name]
+            if name != "row_index":
+                digest.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
+                column = pc.list_flatten(column)
+            digest.update(np.asarray(column, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(args, dataset, model_digest: str) -> dict:
+    """Everything a split's reference values depend on: data content, model weights, settings."""
+    settings = {name: getattr(args, name, None) for name in _VALUE_SETTINGS + _TOKEN_SETTINGS}
+    settings["model_init_dtype"] = str((args.model_init_kwargs or {}).get("dtype", "float32"))
+    return {"format": CACHE_FORMAT, "model": model_digest, "data": dataset_fingerprint(dataset), "settings": settings}
+
+
+def cache_directory(args, key: dict) -> Path:
+    root = Path(args.ref_cache_dir) if args.ref_cache_dir else cache_dir() / "ref_logps"
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return root / name
+
+
+def _read_parts(directory: Path) -> tuple[Tensor, Tensor]:
+    """(row_index [n], logps [n, 2]) of every finished part file."""
+    parts = [torch.load(p, weights_only=True) for p in sorted(directory.glob("part-*.pt"))]
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 2)
+    return torch.cat([p["row_index"] for p in parts]), torch.cat([p["logps"] for p in parts])
+
+
+def _write_part(directory: Path, rows: list[int], values: list[Tensor]) -> None:
+    path = directory / f"part-{rows[0]:012d}.pt"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"row_index": torch.tensor(rows, dtype=torch.long), "logps": torch.cat(values).float()}, tmp)
+    os.replace(tmp, path)
+
+
+def precompute(source: _OnlineReference, dataset, directory: Path, batches: Callable[[list[dict]], dict],
+               batch_size: int, flush_rows: int = 1024) -> Tensor:
+    """Reference log-probs of every row of `dataset`, cached in `directory`; returns the table.
+
+    Collective. The rows not yet in the cache are dealt round-robin over the
+    ranks (every rank runs the same number of forwards, as ZeRO-3 needs), and
+    each rank writes its results every `flush_rows` rows as an atomically
+    renamed part file, so an interrupted pass resumes where it stopped.
+    `batches(rows)` turns dataset rows into PreferenceModel inputs.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    done = set(_read_parts(directory)[0].tolist())
+    row_index = [int(r) for r in dataset.with_format("numpy")["row_index"]]
+    todo = [i for i, r in enumerate(row_index) if r not in done]
+    if todo and _rank() == 0:
+        logger.info("precomputing reference log-probs of %d rows into %s", len(todo), directory)
+    todo += [-1] * (-len(todo) % _world())
+    mine = todo[_rank()::_world()]
+    _barrier()
+    rows: list[int] = []
+    values: list[Tensor] = []
+    for start in range(0, len(mine), batch_size):
+        slots = mine[start:start + batch_size]
+        inputs = batches([dataset[i if i >= 0 else 0] for i in slots])
+        out = pair_logps(source.token_logps(inputs), _label_mask(inputs), source.ld_alpha)
+        real = torch.tensor([i >= 0 for i in slots])
+        rows += [row_index[i] for i in slots if i >= 0]
+        values.append(torch.stack([out.chosen, out.rejected], 1).cpu()[real])
+        if len(rows) >= flush_rows:
+            _write_part(directory, rows, values)
+            rows, values = [], []
+    if rows:
+        _write_part(directory, rows, values)
+    _barrier()
+    return load_table(directory, row_index)
+
+
+def load_table(directory: Path, row_index: list[int]) -> Tensor:
+    """The cached values as a [max row_index + 1, 2] table; every row of the split must be there."""
+    cached_rows, cached = _read_parts(directory)
+    table = torch.full((max(row_index, default=-1) + 1, 2), float("nan"))
+    known = cached_rows < len(table)
+    table[cached_rows[known]] = cached[known]
+    missing = [r for r in row_index if table[r].isnan().any()]
+    if missing:
+        raise RuntimeError(f"reference cache {directory} lacks {len(missing)} rows (first: {missing[:5]})")
+    return table
+
+
+def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[[list[dict]], dict],
+                batch_sizes: dict[str, int]) -> CachedReference:
+    """Look up (or compute and store) the cached reference log-probs of each split. Collective."""
+    release_gathered(source.engine)
+    model_digest = weights_digest(source.identity())
+    tables, directories = {}, {}
+    for split, dataset in splits.items():
+        key = cache_key(args, dataset, model_digest)
+        directory = cache_directory(args, key)
+        if _rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+        tables[split] = precompute(source, dataset, directory, batches, args.precompute_ref_batch_size
+                                   or batch_sizes[split])
+        directories[split] = directory
+        if _rank() == 0:
+            logger.info("reference log-probs of the %s split: %s", split, directory)
+    return CachedReference(tables, directories)
+
+
+# ----------------------------------------------------------------------------- choosing
+
+def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_config: Callable[[], dict],
+                    splits: dict, batches: Callable[[list[dict]], dict],
+                    batch_sizes: dict[str, int], separate_model: bool) -> tuple[Reference, Any]:
+    """The run's reference strategy and the reference engine it keeps alive (None when there is none).
+
+    `load_reference()` loads the reference model (called only when one is
+    needed); `separate_model` says whether it differs from the policy's
+    starting point. For a precomputation without a separate model, the policy
+    engine itself, before its first step, is the reference: no second model is
+    loaded at all.
+    """
+    if not needs_reference(args):
+        return Reference(), None
+    if is_peft_model(policy.module.model):
+        online, engine = AdapterReference(policy, args.ld_alpha), None
+    elif args.precompute_ref_log_probs and not separate_model:
+        online, engine = EngineReference(policy, args.ld_alpha), None
+    else:
+        config = ref_ds_config()
+        model, handle = load_for_engine(load_reference, config)
+        engine = build_reference_engine(model, args, config)
+        del handle
+        online = EngineReference(engine, args.ld_alpha, policy, args.ref_model_mixup_alpha,
+                                 args.ref_model_sync_steps if args.sync_ref_model else 0)
+    if not args.precompute_ref_log_probs:
+        return online, engine
+    cached = precomputed(online, args, splits, batches, batch_sizes)
+    if engine is not None:
+        engine.destroy()
+    return cached, None
+
+
+def run_precompute(args) -> dict[str, Path]:
+    """`dpo-ds precompute-ref`: the reference pass of a training run, without the policy engine.
+
+    The reference is built as the run would build it (the model, or the LoRA
+    policy with its adapters disabled) in a ZeRO inference engine from
+    `ref_zero_stage`/`ref_offload`, and the cache lands where the run looks
+    for it. Collective: run it under the same launcher as training.
+    """
+    from transformers import AutoConfig
+
+    from .collate import PreferenceCollator
+    from .config import load_deepspeed_config, reference_deepspeed_config
+    from .data import load_preference_data
+    from .models import adapter_base_path, disable_dropout, load_model, load_policy_model, load_tokenizer
+    from .models import resolve_model_path
+    from .packing import inputs_for
+
+    if not needs_reference(args):
+        raise ValueError(f"loss_type={args.loss_type!r} (reference_free={args.reference_free}) uses no reference "
+                         "model: there is nothing to precompute")
+    tokenizer = load_tokenizer(args.model_name_or_path, args)
+    data = load_preference_data(args, tokenizer)
+    splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
+    source = resolve_model_path(args.ref_model_name_or_path or args.model_name_or_path)
+    hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(source) or source,
+                                                trust_remote_code=args.trust_remote_code), "hidden_size", None)
+    ref_config = reference_deepspeed_config(args, load_deepspeed_config(args, _world(), hidden_size=hidden,
+                                                                        num_training_steps=1))
+
+    def load():
+        model = load_model(source, args) if args.ref_model_name_or_path else load_policy_model(source, args)
+        if args.disable_dropout:
+            disable_dropout(model)
+        return model
+
+    model, handle = load_for_engine(load, ref_config)
+    engine = build_reference_engine(model, args, ref_config)
+    online = AdapterReference(engine, args.ld_alpha) if is_peft_model(model) else EngineReference(engine, args.ld_alpha)
+    collator = PreferenceCollator(tokenizer.pad_token_id, padding_side=args.padding_side,
+                                  pad_to_multiple_of=args.pad_to_multiple_of)
+    cached = precomputed(online, args, splits, lambda rows: inputs_for(collator(rows), args, engine.device),
+                         {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size})
+    del handle
+    return cached.directories

@@ -298,8 +298,19 @@ class DPOTrainer:
             "tokens_per_second": tokens / max(seconds, 1e-9),
             "samples_per_second": pairs / max(seconds, 1e-9),
             "step_time": seconds / max(steps, 1),
+            **self._peak_memory(),
         }
         return metrics
+
+    def _peak_memory(self) -> dict:
+        """`max_memory_allocated`: bytes, the largest accelerator peak over ranks (absent on CPU)."""
+        device = self.engines.policy.device
+        if getattr(device, "type", "cpu") != "cuda":
+            return {}
+        peak = torch.tensor([float(torch.cuda.max_memory_allocated(device))], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return {"max_memory_allocated": int(peak.item())}
 
     def _log(self, metrics: dict, bar) -> None:
         if self.sink is not None:

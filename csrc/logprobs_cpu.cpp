@@ -8,8 +8,17 @@
 // Rows run in parallel (ATen's OpenMP pool); the inner loops work on a small
 // fp32 block in L1 and are written so the compiler vectorizes them, which is
 // why exp and tanh are branch-free polynomials here rather than libm calls.
+//
+// The fused LM head (`linear_fold`, `linear_grad`) gives each thread its own
+// tiles: it projects a cache-sized [rows, cols] tile with a single-threaded
+// ATen matmul and folds or differentiates it while it is still in cache, so
+// threads never wait on each other inside a matmul.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -17,6 +26,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <vector>
 
 namespace {
 
@@ -259,9 +270,124 @@ void grad(const at::Tensor& x, const at::Tensor& labels, int64_t ignore_index, i
   });
 }
 
+
+void check_linear(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& labels, const char* what) {
+  for (const at::Tensor* t : {&h, &w}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
+                what, ": hidden and weight must be contiguous 2-D float32 CPU tensors");
+  }
+  TORCH_CHECK(h.size(1) == w.size(1), what, ": hidden and weight differ in H");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == w.size(0)),
+              what, ": bias must be float32 [V]");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == h.size(0) && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(),
+              what, ": labels must be a contiguous int64 vector with one entry per row");
+}
+
+// hidden[r0:r0+nr] @ weight[c0:c0+nc].T (+ bias) as a contiguous fp32 tile carved from buf.
+at::Tensor project(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t r0,
+                   int64_t nr, int64_t c0, int64_t nc, at::Tensor& buf) {
+  at::Tensor tile = buf.narrow(0, 0, nr * nc).view({nr, nc});
+  at::mm_out(tile, h.narrow(0, r0, nr), w.narrow(0, c0, nc).t());
+  if (bias) tile.add_(bias->narrow(0, c0, nc));
+  return tile;
+}
+
+// Threads own blocks of `rows` tokens and walk the whole vocabulary, `cols` ids at a time.
+void linear_fold(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& labels, double inv_t, double cap, int64_t flags, at::Tensor& state, int64_t rows,
+                 int64_t cols) {
+  check_linear(h, w, bias, labels, "linear_fold");
+  const int64_t n = h.size(0), vocab = w.size(0);
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.dim() == 2 && state.size(0) == kNumStats &&
+                  state.size(1) == n && state.stride(1) == 1,
+              "linear_fold: state must be float32 [", kNumStats, ", ", n, "] with unit last stride");
+  const Params p{static_cast<float>(inv_t), static_cast<float>(cap), flags};
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  float* st = state.data_ptr<float>();
+  const int64_t ss = state.stride(0);
+  at::parallel_for(0, (n + rows - 1) / rows, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buf = at::empty({rows * cols}, h.options());
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * rows, nr = std::min(rows, n - r0);
+      for (int64_t c0 = 0; c0 < vocab; c0 += cols) {
+        const int64_t nc = std::min(cols, vocab - c0);
+        const float* t = project(h, w, bias, r0, nr, c0, nc, buf).data_ptr<float>();
+        for (int64_t i = 0; i < nr; ++i) {
+          if (cap > 0) {
+            fold_row<float, true>(t + i * nc, nc, lab[r0 + i] - c0, p, st + r0 + i, ss);
+          } else {
+            fold_row<float, false>(t + i * nc, nc, lab[r0 + i] - c0, p, st + r0 + i, ss);
+          }
+        }
+      }
+    }
+  });
+}
+
+// fp32 gradients {hidden, weight, bias} (undefined where not wanted). Threads own blocks of `cols`
+// vocabulary ids, so the weight and bias gradients need no reduction; each thread adds its share of
+// the hidden gradient into its own accumulator, summed at the end of each token chunk. Chunks are as
+// long as the accumulators of all threads fit in `acc_bytes`.
+std::vector<at::Tensor> linear_grad(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                    const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& grad_logps,
+                                    double inv_t, double cap, bool want_h, bool want_w, bool want_b, int64_t rows,
+                                    int64_t cols, int64_t acc_bytes) {
+  check_linear(h, w, bias, labels, "linear_grad");
+  const int64_t n = h.size(0), hid = h.size(1), vocab = w.size(0);
+  for (const auto* v : {&lse, &grad_logps}) {
+    TORCH_CHECK(v->scalar_type() == at::kFloat && v->dim() == 1 && v->size(0) == n && v->is_contiguous(),
+                "linear_grad: lse and grad_logps must be contiguous float32 vectors of length ", n);
+  }
+  const Params p{static_cast<float>(inv_t), static_cast<float>(cap), 0};
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const float* lse_p = lse.data_ptr<float>();
+  const float* g_p = grad_logps.data_ptr<float>();
+  const auto f32 = h.options();
+  at::Tensor gh = want_h ? at::empty({n, hid}, f32) : at::Tensor();
+  at::Tensor gw = want_w ? at::zeros({vocab, hid}, f32) : at::Tensor();
+  at::Tensor gb = want_b ? at::zeros({vocab}, f32) : at::Tensor();
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max(rows, acc_bytes / (threads * std::max<int64_t>(hid, 1) * 4) / rows * rows);
+  for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const int64_t nt = std::min(chunk, n - t0);
+    at::Tensor acc = want_h ? at::zeros({threads, nt, hid}, f32) : at::Tensor();
+    at::parallel_for(0, (vocab + cols - 1) / cols, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor buf = at::empty({rows * cols}, f32);
+      at::Tensor mine = want_h ? acc.select(0, at::get_thread_num()) : at::Tensor();
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t c0 = block * cols, nc = std::min(cols, vocab - c0);
+        for (int64_t r0 = t0; r0 < t0 + nt; r0 += rows) {
+          const int64_t nr = std::min(rows, t0 + nt - r0);
+          at::Tensor tile = project(h, w, bias, r0, nr, c0, nc, buf);
+          float* t = tile.data_ptr<float>();
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t r = r0 + i;
+            if (cap > 0) {
+              grad_row<float, true>(t + i * nc, t + i * nc, nc, lab[r] - c0, lse_p[r], g_p[r], p);
+            } else {
+              grad_row<float, false>(t + i * nc, t + i * nc, nc, lab[r] - c0, lse_p[r], g_p[r], p);
+            }
+          }
+          if (want_w) gw.narrow(0, c0, nc).addmm_(tile.t(), h.narrow(0, r0, nr));
+          if (want_b) gb.narrow(0, c0, nc).add_(tile.sum(0));
+          if (want_h) mine.narrow(0, r0 - t0, nr).addmm_(tile, w.narrow(0, c0, nc));
+        }
+      }
+    });
+    if (want_h) {
+      at::Tensor rows_of_gh = gh.narrow(0, t0, nt);
+      at::sum_out(rows_of_gh, acc, {0});
+    }
+  }
+  return {gh, gw, gb};
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fold", &fold, "Fold a block of raw logits into per-row online-logsumexp statistics");
   m.def("grad", &grad, "Write d logp(label) / d raw logits for a block of raw logits");
+  m.def("linear_fold", &linear_fold, "Fold hidden @ weight.T (+ bias) into the statistics, tile by tile");
+  m.def("linear_grad", &linear_grad, "fp32 gradients of sum(grad_logps * logps) for hidden, weight, bias");
 }

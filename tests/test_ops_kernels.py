@@ -139,11 +139,12 @@ LINEAR_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["cpp-tiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
-def test_linear_variant_matches_float64(backend, dtype, case):
+def test_linear_variant_matches_float64(backend, dtype, case, monkeypatch):
     n, hid, vocab, ignored, temperature, softcap, with_bias, chunk = LINEAR_CASES[case]
+    monkeypatch.setattr(cpp, "ACCUMULATOR_BYTES", 1)  # hidden-gradient accumulators of one tile: many token chunks
     hidden = torch.randn(n, hid).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, hid) / hid**0.5 * 3).to(dtype).requires_grad_()
     bias = torch.randn(vocab).to(dtype).requires_grad_() if with_bias else None
@@ -153,9 +154,11 @@ def test_linear_variant_matches_float64(backend, dtype, case):
     labels = make_labels(n, vocab, ignored, raw64.detach())
 
     kw = dict(temperature=temperature, softcap=softcap, chunk_size=chunk, **ALL)
-    if backend == "cpp":  # several vocabulary tiles, the last one partial
-        out = fused.linear_logprobs(dataclasses.replace(cpp.kernels(), tile_cols=48), hidden, weight, labels, bias,
-                                    **kw)
+    if backend.startswith("cpp"):  # several vocabulary tiles, the last one partial
+        kernels = dataclasses.replace(cpp.kernels(), tile_cols=48)
+        if backend == "cpp-tiled":  # the torch.mm tile driver the CUDA backend uses, with the CPU kernels
+            kernels = dataclasses.replace(kernels, linear_forward=None, linear_backward=None)
+        out = fused.linear_logprobs(kernels, hidden, weight, labels, bias, **kw)
     else:
         out = backend_module(backend).linear_logprobs(hidden, weight, labels, bias, **kw)
     want = expected(raw64, labels, temperature, softcap)

@@ -24,8 +24,11 @@ from .types import LogProbs
 CFLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]  # no FP traps: lets GCC if-convert and vectorize
 LDFLAGS = ["-fopenmp"]
 SOURCES = ("logprobs_cpu.cpp",)
-TILE_ROWS = 1024
-TILE_COLS = 4096
+TILE_ROWS = 128
+TILE_COLS = 512
+"""One thread's [tokens, vocab] fp32 tile in the fused LM head: 256 KiB, it stays in L2."""
+ACCUMULATOR_BYTES = 256 << 20
+"""Budget for the per-thread hidden-gradient accumulators; longer inputs run in token chunks."""
 
 
 def csrc_dir() -> Path:
@@ -94,7 +97,25 @@ def _load() -> fused.Kernels | fused.BackendUnavailable:
         return err
     except Exception as err:  # a compiler error, a missing toolchain, a read-only cache, ...
         return fused.BackendUnavailable(f"the cpp log-prob extension could not be built: {err}")
-    return fused.Kernels("cpp", "cpu", mod.fold, mod.grad, TILE_ROWS, TILE_COLS)
+
+    def linear_forward(hidden, weight, bias, labels, cfg: fused.Config):
+        h, w, b = _f32(hidden, weight, bias)
+        state = fused.new_state(h.shape[0], h.device)
+        mod.linear_fold(h, w, b, labels, cfg.inv_t, cfg.cap, cfg.flags, state, cfg.tile_rows, cfg.tile_cols)
+        return state
+
+    def linear_backward(hidden, weight, bias, labels, lse, grad_logps, cfg: fused.Config, needs):
+        h, w, b = _f32(hidden, weight, bias)
+        grads = mod.linear_grad(h, w, b, labels, lse, grad_logps, cfg.inv_t, cfg.cap, *needs, cfg.tile_rows,
+                                cfg.tile_cols, ACCUMULATOR_BYTES)
+        return tuple(g if want else None for g, want in zip(grads, needs))
+
+    return fused.Kernels("cpp", "cpu", mod.fold, mod.grad, TILE_ROWS, TILE_COLS, linear_forward, linear_backward)
+
+
+def _f32(*tensors):
+    """Contiguous fp32 operands: on a CPU without bf16 matmul units, fp32 matmuls are exact and no slower."""
+    return tuple(None if t is None else t.detach().float().contiguous() for t in tensors)
 
 
 def kernels() -> fused.Kernels:

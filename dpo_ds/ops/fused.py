@@ -14,8 +14,9 @@ column is vocabulary id `vocab_start`.
 
 `cap` is the softcap, 0.0 for none. The linear variant projects only the rows
 with a real label, a tile at a time (torch.mm) unless the backend brings its own
-fused `linear_forward`/`linear_backward` (Triton). Only `logps` is
-differentiable; the other outputs are metrics and WPO weights.
+fused `linear_forward`/`linear_backward` (cpp: per-thread tiles; Triton: a
+tl.dot forward). Only `logps` is differentiable; the other outputs are metrics
+and WPO weights.
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ class Config:
     cap: float
     flags: int
     tile_rows: int
+    tile_cols: int
 
 
 def new_state(n: int, device: torch.device) -> Tensor:
@@ -104,7 +106,8 @@ def _config(kernels: Kernels, vocab: int, ignore_index: int, temperature: float,
             chunk_size: Optional[int], flags: tuple[bool, bool, bool, bool]) -> Config:
     opt = reference._options(vocab, torch.float32, temperature, softcap, chunk_size, flags)
     bits = sum(bit for bit, want in zip((ENTROPY, TOP1, MEAN, LSSP), flags) if want)
-    return Config(ignore_index, 1.0 / opt.temperature, opt.softcap or 0.0, bits, chunk_size or kernels.tile_rows)
+    return Config(ignore_index, 1.0 / opt.temperature, opt.softcap or 0.0, bits, chunk_size or kernels.tile_rows,
+                  kernels.tile_cols)
 
 
 class _LogitsFn(torch.autograd.Function):
@@ -132,7 +135,7 @@ class _LogitsFn(torch.autograd.Function):
         return dst, None, None, None
 
 
-def _tiles(kernels: Kernels, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: int):
+def _tiles(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], cfg: Config):
     """Yield (row slice, col slice, hidden rows, weight rows, logits tile) over [n, V].
 
     On CPU the tile is fp32 (upcast operands: exact and no slower there); on a
@@ -140,7 +143,7 @@ def _tiles(kernels: Kernels, hidden: Tensor, weight: Tensor, bias: Optional[Tens
     """
     tile_dtype = torch.float32 if hidden.device.type == "cpu" else hidden.dtype
     n, vocab = hidden.shape[0], weight.shape[0]
-    cols = min(kernels.tile_cols, vocab)
+    rows, cols = cfg.tile_rows, min(cfg.tile_cols, vocab)
     buf = torch.empty(min(rows, n) * cols, dtype=tile_dtype, device=hidden.device)
     for r0 in range(0, n, rows):
         r = slice(r0, min(r0 + rows, n))
@@ -159,7 +162,7 @@ def _tiles(kernels: Kernels, hidden: Tensor, weight: Tensor, bias: Optional[Tens
 def _tiled_forward(kernels: Kernels, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
                    cfg: Config) -> Tensor:
     state = new_state(hidden.shape[0], hidden.device)
-    for r, c, _h, _w, tile in _tiles(kernels, hidden, weight, bias, cfg.tile_rows):
+    for r, c, _h, _w, tile in _tiles(hidden, weight, bias, cfg):
         kernels.fold(tile, labels[r], cfg.ignore_index, c.start, cfg.inv_t, cfg.cap, cfg.flags, state[:, r])
     return state
 
@@ -171,7 +174,7 @@ def _tiled_backward(kernels: Kernels, hidden: Tensor, weight: Tensor, bias: Opti
     gh = torch.zeros(hidden.shape, **f32) if needs[0] else None
     gw = torch.zeros(weight.shape, **f32) if needs[1] else None
     gb = torch.zeros(weight.shape[0], **f32) if needs[2] else None
-    for r, c, h, w, tile in _tiles(kernels, hidden, weight, bias, cfg.tile_rows):
+    for r, c, h, w, tile in _tiles(hidden, weight, bias, cfg):
         kernels.grad(tile, labels[r], cfg.ignore_index, c.start, lse[r], grad_logps[r], cfg.inv_t, cfg.cap, tile)
         if gh is not None:
             _addmm_f32(gh[r], tile, w)

@@ -197,6 +197,7 @@ def test_zero3_precomputed_run_equals_online_run(tmp_path, tiny_model_dir):
     assert got["zero3_digest"] == weights_digest(plain.named_parameters())
     assert got["key_digests"] == [got["zero3_digest"]]
     assert got["mix_error"] < 1e-6 and got["mix_moved"] > 0
+    assert got["restore_error"] == 0
 
 
 def probe(model_dir: str, data: str, out: str) -> None:
@@ -261,6 +262,13 @@ def probe(model_dir: str, data: str, out: str) -> None:
     mixed = full(ref)
     results["mix_error"] = max((mixed[n] - (0.6 * target[n] + 0.4 * start[n])).abs().max().item() for n in mixed)
     results["mix_moved"] = max((mixed[n] - start[n]).abs().max().item() for n in mixed)
+    # A checkpoint holds the moved reference: each rank its own ZeRO-3 partitions.
+    tr_dpo = EngineReference(online.engines.reference, None, online.engines.policy, alpha=0.6, sync_every=1)
+    tr_dpo.save(Path(out, "tr_dpo"))
+    tr_dpo.after_step(1)
+    tr_dpo.load(Path(out, "tr_dpo"))
+    restored = full(ref)
+    results["restore_error"] = max((restored[n] - mixed[n]).abs().max().item() for n in mixed)
     if rank == 0:
         Path(out, "probe.json").write_text(json.dumps(results))
     distributed.shutdown()

@@ -257,6 +257,13 @@ def test_fold_kernel_merges_tiles_and_skips_ignored_rows(backend, dtype):
     torch.testing.assert_close(state[:, valid].double(), want[:, valid], rtol=1e-5, atol=1e-4)
 
 
+def test_self_check_passes_good_kernels_and_rejects_broken_ones():
+    fused.self_check(cpp.kernels(), "cpu")
+    broken = dataclasses.replace(cpp.kernels(), grad=lambda *args: None)  # leaves the gradient unwritten
+    with pytest.raises(fused.BackendUnavailable, match="cpp log-prob kernels failed their self-check on cpu"):
+        fused.self_check(broken, "cpu")
+
+
 def test_dispatch_picks_cpp_on_cpu_and_torch_for_float64(monkeypatch):
     monkeypatch.delenv(dispatch.BACKEND_ENV, raising=False)
     x = torch.randn(2, 3)

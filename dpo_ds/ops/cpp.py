@@ -37,7 +37,8 @@ def csrc_dir() -> Path:
     for candidate in (package / "csrc", package.parent / "csrc"):
         if (candidate / SOURCES[0]).is_file():
             return candidate
-    raise fused.BackendUnavailable(f"kernel sources not found: no {SOURCES[0]} in {package}/csrc or {package.parent}/csrc")
+    raise fused.BackendUnavailable(
+        f"kernel sources not found: no {SOURCES[0]} in {package}/csrc or {package.parent}/csrc")
 
 
 def build_root() -> Path:

@@ -45,7 +45,12 @@ def _load() -> fused.Kernels | fused.BackendUnavailable:
     def grad(x, labels, ignore_index, vocab_start, lse, grad_logps, inv_t, cap, dst):
         mod.grad(x, labels, ignore_index, vocab_start, lse, grad_logps, inv_t, cap, dst, _stream(x))
 
-    return fused.Kernels("cuda", "cuda", fold, grad, TILE_ROWS, TILE_COLS)
+    kernels = fused.Kernels("cuda", "cuda", fold, grad, TILE_ROWS, TILE_COLS)
+    try:
+        fused.self_check(kernels, "cuda")
+    except fused.BackendUnavailable as err:
+        return err
+    return kernels
 
 
 def kernels() -> fused.Kernels:

@@ -20,6 +20,7 @@ and WPO weights.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -275,3 +276,34 @@ def linear_logprobs(kernels: Kernels, hidden: Tensor, weight: Tensor, labels: Te
                   (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))
     rows, kept = reference._select_rows(labels, weight.shape[0], ignore_index)
     return LogProbs(*_LinearFn.apply(hidden, weight, bias, rows, kept.contiguous(), kernels, cfg))
+
+
+def self_check(kernels: Kernels, device: str) -> None:
+    """Run `kernels` once on small inputs against the torch reference; BackendUnavailable if they disagree.
+
+    GPU kernels are compiled for the GPU at hand on first use: one that fails to
+    build or computes wrong numbers there must fall back, not train on garbage.
+    """
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 32, generator=gen).to(device).requires_grad_()
+    weight = (torch.randn(300, 32, generator=gen) / 2).to(device).requires_grad_()
+    labels = torch.tensor([0, 5, -100, 299, 17, 3], device=device)
+    logits = (hidden @ weight.T).detach().requires_grad_()
+    upstream = torch.randn(6, generator=gen).to(device)
+    kw = dict(temperature=0.9, softcap=5.0, with_entropy=True, with_top1=True, with_mean_logits=True,
+              with_log_sum_sq_probs=True)
+    cases = (
+        (functools.partial(logits_logprobs, kernels), reference.logits_logprobs, (logits, labels), (logits,)),
+        (functools.partial(linear_logprobs, kernels), reference.linear_logprobs, (hidden, weight, labels),
+         (hidden, weight)),
+    )
+    try:
+        for ours_fn, want_fn, args, leaves in cases:
+            ours, want = ours_fn(*args, **kw), want_fn(*args, **kw)
+            got_grads = torch.autograd.grad((ours.logps * upstream).sum(), leaves)
+            want_grads = torch.autograd.grad((want.logps * upstream).sum(), leaves)
+            for a, b in zip((*ours, *got_grads), (*want, *want_grads)):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    except Exception as err:  # a Triton/nvcc compile error, a launch failure or a mismatch
+        raise BackendUnavailable(f"the {kernels.name} log-prob kernels failed their self-check on {device}: "
+                                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err

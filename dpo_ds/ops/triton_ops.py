@@ -23,7 +23,13 @@ def _load() -> fused.Kernels | fused.BackendUnavailable:
         if not torch.cuda.is_available():
             return fused.BackendUnavailable("the triton log-prob backend needs a CUDA GPU (or TRITON_INTERPRET=1)")
     device = "cpu" if tk.INTERPRET else "cuda"
-    return fused.Kernels("triton", device, tk.fold, tk.grad, tk.TILE_ROWS, tk.TILE_COLS, tk.linear_forward)
+    kernels = fused.Kernels("triton", device, tk.fold, tk.grad, tk.TILE_ROWS, tk.TILE_COLS, tk.linear_forward)
+    if not tk.INTERPRET:
+        try:
+            fused.self_check(kernels, "cuda")
+        except fused.BackendUnavailable as err:
+            return err
+    return kernels
 
 
 def kernels() -> fused.Kernels:

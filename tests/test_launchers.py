@@ -30,6 +30,7 @@ pytestmark = pytest.mark.slow
 RUNNER = [sys.executable, "-m", "deepspeed.launcher.runner"]
 TRAIN = ROOT / "launch" / "train.py"
 MPIRUN_ROOT = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+TIMEOUT = 600  # a safety net for hangs only: a run takes well under a minute on an idle 2-core machine
 
 
 def train_args(tmp_path: Path, model_dir: str, *extra: str, out: str = "out") -> list[str]:
@@ -38,9 +39,16 @@ def train_args(tmp_path: Path, model_dir: str, *extra: str, out: str = "out") ->
     return cmd[cmd.index(str(TRAIN)) + 1:]
 
 
-def run(cmd: list[str], cwd: Path, env: dict = ENV, timeout: int = 180, expect: int = 0) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    output = proc.stdout + proc.stderr
+def run(cmd: list[str], cwd: Path, env: dict = ENV, expect: int = 0) -> str:
+    """Run a launcher to the end; its output. On a hang, the whole process group goes (ranks included)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output = proc.communicate(timeout=TIMEOUT)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output = proc.communicate()[0]
+        raise AssertionError(f"no exit after {TIMEOUT} s:\n{output[-6000:]}") from None
     assert proc.returncode == expect, f"exit {proc.returncode}:\n{output[-6000:]}"
     return output
 
@@ -132,7 +140,7 @@ def test_torchrun_two_nodes_rendezvous(tmp_path, tiny_model_dir):
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(2)]
     try:
-        outputs = [p.communicate(timeout=180)[0] for p in procs]
+        outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     finally:
         for p in procs:
             stop(p)
@@ -146,7 +154,7 @@ def sbatch_args(tmp_path: Path, model_dir: str, *extra: str, tasks: int = 2) -> 
     """The batch script and its arguments, sized for this machine: one node, two CPUs, no GPU."""
     args = train_args(tmp_path, model_dir, *extra)
     assert args[0] == "--config"
-    return [f"--ntasks-per-node={tasks}", "--gpus-per-node=0", f"--cpus-per-task={2 // tasks}", "--time=10",
+    return [f"--ntasks-per-node={tasks}", "--gpus-per-node=0", f"--cpus-per-task={2 // tasks}", "--time=30",
             f"--output={tmp_path}/slurm-%j.out", str(ROOT / "launch" / "slurm" / "train.sbatch"), *args[1:]]
 
 
@@ -162,7 +170,7 @@ def test_slurm_sbatch_runs_to_completion(tmp_path, tiny_model_dir, slurm):
         expand_nodelist("n[08-10],r[1-2]n[1-2],login1")
     job = slurm.sbatch(sbatch_args(tmp_path, tiny_model_dir, "--max_steps", "2", "--save_steps", "none"),
                        ROOT, ENV)
-    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 180)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, TIMEOUT)
     log = slurm_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-6000:]
     # srun --label: each line starts with the task number, here the rank.
@@ -178,7 +186,7 @@ def test_slurm_sbatch_torchrun_per_node(tmp_path, tiny_model_dir, slurm):
     env = {**ENV, "DPO_DS_LAUNCH": "torchrun", "DPO_DS_NPROC_PER_NODE": "2"}
     job = slurm.sbatch(sbatch_args(tmp_path, tiny_model_dir, "--max_steps", "2", "--save_steps", "none", tasks=1),
                        ROOT, env)
-    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 180)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, TIMEOUT)
     log = slurm_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log[-6000:]
     lines = log.splitlines()
@@ -195,10 +203,10 @@ def test_slurm_usr1_saves_requeues_and_resumes(tmp_path, tiny_model_dir, slurm):
     job = slurm.sbatch(sbatch_args(tmp_path, tiny_model_dir, "--max_steps", str(steps), "--save_steps", "none"),
                        ROOT, ENV)
     metrics = out_dir / "metrics.jsonl"
-    wait_until(lambda: logged_steps(metrics) >= 2, 180, "two logged steps before signalling")
+    wait_until(lambda: logged_steps(metrics) >= 2, TIMEOUT, "two logged steps before signalling")
     # --batch: only the batch shell gets it; train.sbatch passes it on to the ranks through srun.
     slurm.run("scancel", "--signal=USR1", "--batch", job)
-    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, TIMEOUT)
     log = slurm_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-6000:]
     saved = [p for p in out_dir.glob("checkpoint-*") if (p / "COMPLETE").exists()]
@@ -223,7 +231,8 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_mod
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        wait_until(lambda: (out_dir / "metrics.jsonl").exists() or proc.poll() is not None, 180, "the first step")
+        wait_until(lambda: (out_dir / "metrics.jsonl").exists() or proc.poll() is not None, TIMEOUT,
+                   "the first step")
         ranks = {}
         for pid in descendants(proc.pid):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -232,11 +241,11 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_mod
                     ranks[rank] = pid
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGUSR1)
-        wait_until(lambda: any(out_dir.glob("checkpoint-*")) or proc.poll() is not None, 120, "the save")
+        wait_until(lambda: any(out_dir.glob("checkpoint-*")) or proc.poll() is not None, TIMEOUT, "the save")
         for pid in ranks.values():
             with contextlib.suppress(ProcessLookupError):  # a rank may have exited already
                 os.kill(pid, signal.SIGTERM)
-        output = proc.communicate(timeout=120)[0]
+        output = proc.communicate(timeout=TIMEOUT)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

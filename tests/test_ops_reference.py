@@ -8,6 +8,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dpo_ds.ops import LogProbs, linear_logprobs, logits_logprobs, sequence_logps
 from dpo_ds.ops import reference
 
+
+@pytest.fixture(autouse=True)
+def torch_reference_backend(monkeypatch):
+    """These tests are about the torch reference path: keep dispatch from picking a compiled kernel."""
+    monkeypatch.setenv("DPO_DS_LOGPROB_BACKEND", "torch")
+
 IGNORE = -100
 ALL_METRICS = dict(with_entropy=True, with_top1=True, with_mean_logits=True, with_log_sum_sq_probs=True)
 

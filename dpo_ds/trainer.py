@@ -53,6 +53,13 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def _grad_norm(engine) -> float:
+    """L2 norm of the full gradients; DeepSpeed records none for a ZeRO-0 fp32 engine."""
+    grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads \
+        else 0.0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -242,6 +249,10 @@ class DPOTrainer:
                 loss = self._forward(batch, w, acc, train=True)
                 policy.backward(loss)
                 boundary = policy.is_gradient_accumulation_boundary()
+                if boundary:
+                    # Logged as TRL does: the rate this step used, the norm before clipping.
+                    self.step_lr = policy.get_lr()[0]
+                    unpartitioned_norm = _grad_norm(policy) if policy.zero_optimization_stage() == 0 else None
                 policy.step()
                 self.state["samples_in_epoch"] += per_micro
                 if not boundary:
@@ -250,6 +261,7 @@ class DPOTrainer:
                 step = self.state["global_step"]
                 self.reference.after_step(step)
                 grad_norm = policy.get_global_grad_norm()
+                grad_norm = unpartitioned_norm if grad_norm is None else grad_norm
                 acc.add("grad_norm", float(grad_norm) if grad_norm is not None else float("nan"), 1.0)
                 if step % a.logging_steps == 0 or step == self.total_steps:
                     now = time.perf_counter()
@@ -293,7 +305,7 @@ class DPOTrainer:
             "global_step": step,
             "epoch": step / self.steps_per_epoch,
             "num_tokens": self.state["num_tokens"],
-            "learning_rate": self.engines.policy.get_lr()[0],
+            "learning_rate": self.step_lr,
             **totals,
             "tokens_per_second": tokens / max(seconds, 1e-9),
             "samples_per_second": pairs / max(seconds, 1e-9),

@@ -179,6 +179,7 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(Block b, const float* ls
   const int64_t t = label - b.vocab_start;
   const float lse = ignored ? 0.f : lse_p[row];
   const float g = ignored ? 0.f : g_p[row];
+  const T zero = from_f32<T>(0.f);  // ignored rows: exact zeros, whatever exp(z) would give
   const T* x = static_cast<const T*>(b.x) + row * b.x_stride;
   T* out = dst + row * ds;
   constexpr int kVecSize = Pack<T>::kSize;
@@ -189,11 +190,13 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(Block b, const float* ls
       const Pack<T> p = *reinterpret_cast<const Pack<T>*>(x + j0);
       Pack<T> q;
 #pragma unroll
-      for (int k = 0; k < kVecSize; ++k) q.v[k] = dlogit<T, kCap>(p.v[k], j0 + k, t, lse, g, b);
+      for (int k = 0; k < kVecSize; ++k) q.v[k] = ignored ? zero : dlogit<T, kCap>(p.v[k], j0 + k, t, lse, g, b);
       *reinterpret_cast<Pack<T>*>(out + j0) = q;
     }
   }
-  for (int64_t j = tail + threadIdx.x; j < b.w; j += kThreads) out[j] = dlogit<T, kCap>(x[j], j, t, lse, g, b);
+  for (int64_t j = tail + threadIdx.x; j < b.w; j += kThreads) {
+    out[j] = ignored ? zero : dlogit<T, kCap>(x[j], j, t, lse, g, b);
+  }
 }
 
 // 16-byte vectors need 16-byte aligned rows.

@@ -17,7 +17,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -328,8 +327,8 @@ void linear_fold(const at::Tensor& h, const at::Tensor& w, const std::optional<a
 
 // fp32 gradients {hidden, weight, bias} (undefined where not wanted). Threads own blocks of `cols`
 // vocabulary ids, so the weight and bias gradients need no reduction; each thread adds its share of
-// the hidden gradient into its own accumulator, summed at the end of each token chunk. Chunks are as
-// long as the accumulators of all threads fit in `acc_bytes`.
+// the hidden gradient into its own accumulator (thread 0: the gradient itself), summed at the end of
+// each token chunk. Chunks are as long as the accumulators of all threads fit in `acc_bytes`.
 std::vector<at::Tensor> linear_grad(const at::Tensor& h, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                     const at::Tensor& labels, const at::Tensor& lse, const at::Tensor& grad_logps,
                                     double inv_t, double cap, bool want_h, bool want_w, bool want_b, int64_t rows,
@@ -345,17 +344,20 @@ std::vector<at::Tensor> linear_grad(const at::Tensor& h, const at::Tensor& w, co
   const float* lse_p = lse.data_ptr<float>();
   const float* g_p = grad_logps.data_ptr<float>();
   const auto f32 = h.options();
-  at::Tensor gh = want_h ? at::empty({n, hid}, f32) : at::Tensor();
+  at::Tensor gh = want_h ? at::zeros({n, hid}, f32) : at::Tensor();
   at::Tensor gw = want_w ? at::zeros({vocab, hid}, f32) : at::Tensor();
   at::Tensor gb = want_b ? at::zeros({vocab}, f32) : at::Tensor();
   const int64_t threads = at::get_num_threads();
   const int64_t chunk = std::max(rows, acc_bytes / (threads * std::max<int64_t>(hid, 1) * 4) / rows * rows);
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int64_t nt = std::min(chunk, n - t0);
-    at::Tensor acc = want_h ? at::zeros({threads, nt, hid}, f32) : at::Tensor();
+    at::Tensor rows_of_gh = want_h ? gh.narrow(0, t0, nt) : at::Tensor();
+    // Thread 0 adds into the gradient itself, the others into their own accumulators.
+    at::Tensor acc = want_h && threads > 1 ? at::zeros({threads - 1, nt, hid}, f32) : at::Tensor();
     at::parallel_for(0, (vocab + cols - 1) / cols, 1, [&](int64_t begin, int64_t end) {
       at::Tensor buf = at::empty({rows * cols}, f32);
-      at::Tensor mine = want_h ? acc.select(0, at::get_thread_num()) : at::Tensor();
+      const int64_t tid = at::get_thread_num();
+      at::Tensor mine = !want_h ? at::Tensor() : tid == 0 ? rows_of_gh : acc.select(0, tid - 1);
       for (int64_t block = begin; block < end; ++block) {
         const int64_t c0 = block * cols, nc = std::min(cols, vocab - c0);
         for (int64_t r0 = t0; r0 < t0 + nt; r0 += rows) {
@@ -376,10 +378,7 @@ std::vector<at::Tensor> linear_grad(const at::Tensor& h, const at::Tensor& w, co
         }
       }
     });
-    if (want_h) {
-      at::Tensor rows_of_gh = gh.narrow(0, t0, nt);
-      at::sum_out(rows_of_gh, acc, {0});
-    }
+    if (acc.defined()) rows_of_gh.add_(acc.sum(0));
   }
   return {gh, gw, gb};
 }

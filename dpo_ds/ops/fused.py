@@ -196,20 +196,28 @@ def _addmm_f32(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a.float(), b.float())
 
 
+def _rows(t: Tensor, rows: Tensor) -> Tensor:
+    """t[rows], without a copy when every row is kept."""
+    return t if rows.numel() == t.shape[0] else t.index_select(0, rows)
+
+
+def _scatter(values: Optional[Tensor], rows: Tensor, n: int) -> Optional[Tensor]:
+    """[n, ...] tensor holding `values` at `rows` and zeros elsewhere (no copy when every row is kept)."""
+    if values is None or rows.numel() == n:
+        return values
+    return torch.zeros((n, *values.shape[1:]), dtype=values.dtype, device=values.device).index_copy_(0, rows, values)
+
+
 class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Tensor, labels: Tensor,
                 kernels: Kernels, cfg: Config):
         ctx.set_materialize_grads(False)
-        h = hidden.index_select(0, rows)
+        h = _rows(hidden, rows)
         fwd = kernels.linear_forward or (lambda *a: _tiled_forward(kernels, *a))
         state = fwd(h, weight, bias, labels, cfg)
         outs, lse = finalize(state, weight.shape[0], cfg.flags)
-        full = []
-        for o in outs:
-            if o is not None:
-                o = torch.zeros(hidden.shape[0], dtype=o.dtype, device=o.device).index_copy_(0, rows, o)
-            full.append(o)
+        full = [_scatter(o, rows, hidden.shape[0]) for o in outs]
         ctx.save_for_backward(hidden, weight, bias, rows, labels, lse)
         ctx.kernels, ctx.cfg = kernels, cfg
         ctx.mark_non_differentiable(*[o for o in full[1:] if o is not None])
@@ -223,11 +231,10 @@ class _LinearFn(torch.autograd.Function):
         hidden, weight, bias, rows, labels, lse = ctx.saved_tensors
         kernels = ctx.kernels
         bwd = kernels.linear_backward or (lambda *a: _tiled_backward(kernels, *a))
-        g = grad_logps.index_select(0, rows).float().contiguous()
-        gh, gw, gb = bwd(hidden.index_select(0, rows), weight, bias, labels, lse, g, ctx.cfg,
-                         tuple(ctx.needs_input_grad[:3]))
+        g = _rows(grad_logps, rows).float().contiguous()
+        gh, gw, gb = bwd(_rows(hidden, rows), weight, bias, labels, lse, g, ctx.cfg, tuple(ctx.needs_input_grad[:3]))
         if gh is not None:
-            gh = torch.zeros_like(hidden).index_copy_(0, rows, gh.to(hidden.dtype))
+            gh = _scatter(gh.to(hidden.dtype), rows, hidden.shape[0])
         return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
                 None, None, None, None)
 

@@ -75,7 +75,8 @@ def test_run_measured_sees_a_grandchild_peak_and_kills_the_tree_on_timeout(tmp_p
     sleeper = "import os, time; open(os.environ['PIDFILE'], 'w').write(str(os.getpid())); time.sleep(600)"
     code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {sleeper!r}])"
     env = {**os.environ, "PIDFILE": str(tmp_path / "pid")}
-    outcome = run_measured([sys.executable, "-c", code], tmp_path / "log2.txt", timeout=3, env=env)
+    # 15 s: even on a loaded machine the grandchild has started and written its pid by then.
+    outcome = run_measured([sys.executable, "-c", code], tmp_path / "log2.txt", timeout=15, env=env)
     assert outcome.timed_out and outcome.returncode != 0
     pid = int((tmp_path / "pid").read_text())
     for _ in range(50):  # the orphaned grandchild is reaped by init shortly after the kill

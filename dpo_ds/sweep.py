@@ -176,15 +176,37 @@ class Outcome:
     peak_rss: int
 
 
+# Runs the command as its child and records that child's peak RSS. Needed because a process forked
+# straight from a big parent (pytest, a notebook) inherits the parent's RSS high-water mark across exec:
+# wait4 on it would report the parent's size, not the run's.
+_PEAK_TRAMPOLINE = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss * 1024))
+code = os.waitstatus_to_exitcode(status)
+os._exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(cmd: list[str], log_path: Path, timeout: float, env: Optional[dict] = None) -> Outcome:
-    """Run `cmd` in its own session (so a timeout kills the whole tree), output into `log_path`."""
+    """Run `cmd` in its own session (so a timeout kills the whole tree), output into `log_path`.
+
+    The peak is the largest RSS of the command's process tree as the kernel records it (ru_maxrss of the
+    command and its waited-for descendants); 0 when the run was killed before it could be read.
+    """
     start = time.perf_counter()
+    peak_file = log_path.with_name(log_path.name + ".peak")
+    peak_file.unlink(missing_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK_TRAMPOLINE, str(peak_file), *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
     timed_out = False
     try:
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
             if time.perf_counter() - start > timeout and not timed_out:
@@ -196,8 +218,8 @@ def run_measured(cmd: list[str], log_path: Path, timeout: float, env: Optional[d
         os.wait4(proc.pid, 0)
         raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
-    # ru_maxrss is in KiB on Linux.
-    return Outcome(proc.returncode, time.perf_counter() - start, timed_out, usage.ru_maxrss * 1024)
+    peak = int(peak_file.read_text()) if peak_file.exists() else 0
+    return Outcome(proc.returncode, time.perf_counter() - start, timed_out, peak)
 
 
 def _mean(values: list[float]) -> Optional[float]:

@@ -183,7 +183,12 @@ def precompute_ref(argv: list[str]) -> int:
     if remaining:
         raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds precompute-ref --help")
     from dpo_ds import distributed
+    from dpo_ds.losses import needs_reference
     from dpo_ds.reference import run_precompute
+
+    if not needs_reference(config):
+        raise ConfigError(f"loss_type={config.loss_type!r} (reference_free={config.reference_free}) uses no "
+                          "reference model: there is nothing to precompute", "loss_type")
 
     config.precompute_ref_log_probs = True
     distributed.init()

@@ -264,7 +264,8 @@ def export_peft(engine, model, tokenizer, out_dir: str | Path) -> Path:
         missing, unexpected = copy_.load_state_dict(state, strict=False)
         missing = [k for k in missing if not _tied_head(k, base_config)]
         if missing or unexpected:
-            raise RuntimeError(f"refusing to export: merged copy lacks {missing[:5]} / has no place for {unexpected[:5]}")
+            raise RuntimeError(f"refusing to export: the merged copy lacks {missing[:5]} and has no place for "
+                               f"{unexpected[:5]}")
         merged = copy_.merge_and_unload()
         merged_state = merged.state_dict()
         check_shapes(merged_state, base_config)

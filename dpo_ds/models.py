@@ -362,7 +362,12 @@ def load_policy_model(source: str | nn.Module, args: Any, peft_config: Any = Non
     """
     from peft import PeftModel, get_peft_model
 
-    if isinstance(source, str) and adapter_base_path(resolve_model_path(source)) is not None:
+    continuing = isinstance(source, PeftModel) or (
+        isinstance(source, str) and adapter_base_path(resolve_model_path(source)) is not None)
+    if continuing and peft_config is not None:
+        raise ValueError("the model already has LoRA adapters, which training continues; a peft_config would be "
+                         "ignored: pass one or the other")
+    if isinstance(source, str) and continuing:
         adapter_dir = resolve_model_path(source)
         base = load_model(adapter_base_path(adapter_dir), args)
         model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=TRAINABLE_ADAPTER, is_trainable=True,

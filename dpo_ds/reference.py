@@ -157,7 +157,8 @@ class EngineReference(_OnlineReference):
         if not self.sync_every:
             return
         Path(directory).mkdir(parents=True, exist_ok=True)
-        torch.save({name: _local(p).detach() for name, p in self.module.named_parameters()}, self._state_file(directory))
+        state = {name: _local(p).detach() for name, p in self.module.named_parameters()}
+        torch.save(state, self._state_file(directory))
 
     def load(self, directory: Path) -> None:
         if not self.sync_every:
@@ -319,9 +320,11 @@ def load_table(directory: Path, row_index: list[int]) -> Tensor:
     table = torch.full((max(row_index, default=-1) + 1, 2), float("nan"))
     known = cached_rows < len(table)
     table[cached_rows[known]] = cached[known]
-    missing = [r for r in row_index if table[r].isnan().any()]
+    wanted = torch.tensor(row_index, dtype=torch.long)
+    missing = wanted[table[wanted].isnan().any(1)].tolist()
     if missing:
-        raise RuntimeError(f"reference cache {directory} lacks {len(missing)} rows (first: {missing[:5]})")
+        raise RuntimeError(f"reference cache {directory} lacks {len(missing)} rows (first: {missing[:5]}); with "
+                           "several nodes, ref_cache_dir must be on storage that every node shares")
     return table
 
 
@@ -396,9 +399,6 @@ def run_precompute(args) -> dict[str, Path]:
     from .models import resolve_model_path
     from .packing import inputs_for
 
-    if not needs_reference(args):
-        raise ValueError(f"loss_type={args.loss_type!r} (reference_free={args.reference_free}) uses no reference "
-                         "model: there is nothing to precompute")
     tokenizer = load_tokenizer(args.model_name_or_path, args)
     data = load_preference_data(args, tokenizer)
     splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
@@ -421,5 +421,6 @@ def run_precompute(args) -> dict[str, Path]:
                                   pad_to_multiple_of=args.pad_to_multiple_of)
     cached = precomputed(online, args, splits, lambda rows: inputs_for(collator(rows), args, engine.device),
                          {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size})
+    engine.destroy()
     del handle
     return cached.directories

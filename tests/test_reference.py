@@ -138,6 +138,15 @@ def test_cached_reference_reads_rows_and_names_missing_ones(tmp_path):
         cached.pair_logps(batch, torch.tensor([1, 7]), "train")
 
 
+def test_precompute_ref_command_help_and_reference_free_refusal(capsys):
+    from dpo_ds.cli import main
+
+    assert main(["precompute-ref", "--help"]) == 0
+    assert "usage: dpo-ds precompute-ref" in capsys.readouterr().out
+    assert main(["precompute-ref", "--loss_type", "simpo"]) == 1
+    assert "uses no reference model: there is nothing to precompute" in capsys.readouterr().err
+
+
 def test_mix_weights_is_the_tr_dpo_update():
     policy, ref = tiny("llama", "sdpa"), tiny("llama", "sdpa")
     with torch.no_grad():
@@ -189,7 +198,7 @@ def test_zero3_precomputed_run_equals_online_run(tmp_path, tiny_model_dir):
     assert cached["eval_loss"] == pytest.approx(online["eval_loss"], abs=1e-5)
     # No reference model in memory while training: one more PreferenceModel (the policy) and no reference engine.
     assert cached["new_models"] == 1 and not cached["reference_engine"]
-    assert cached["cache_files"] >= 2  # train and eval, each with its key.json
+    assert cached["cache_files"] == 2 and got["splits"] == ["eval", "train"]  # each split with its key.json
     assert got["rerun_computed_nothing"]
     # Under ZeRO-3 the local tensors are empty; the digest is still that of the real weights.
     assert got["local_numel"] == 0
@@ -205,6 +214,7 @@ def probe(model_dir: str, data: str, out: str) -> None:
     import deepspeed
 
     from dpo_ds import distributed
+    from dpo_ds.reference import run_precompute
     from dpo_ds.trainer import DPOTrainer
 
     def config(name: str, **kw) -> DPOConfig:
@@ -227,23 +237,26 @@ def probe(model_dir: str, data: str, out: str) -> None:
     rank = torch.distributed.get_rank()
     online = DPOTrainer(args=config("online"))
     results = {"online": run(online)}
-    before = models()
+    # `dpo-ds precompute-ref`'s pass (a separate ZeRO-3 offloaded inference engine, batch 3); the training
+    # run below must then find every value cached: same key from its own policy engine, nothing recomputed.
     cache = f"{out}/cache"
-    cached = DPOTrainer(args=config("cached", precompute_ref_log_probs=True, precompute_ref_batch_size=3,
-                                    ref_cache_dir=cache))
-    results["precomputed"] = {**run(cached), "new_models": models() - before,
-                              "reference_engine": cached.engines.reference is not None,
-                              "cache_files": len(list(Path(cache).glob("*/key.json")))}
+    directories = run_precompute(config("cli", precompute_ref_log_probs=True, precompute_ref_batch_size=3,
+                                        ref_cache_dir=cache))
     parts = sorted(Path(cache).glob("*/part-*.pt"))
     stamps = [p.stat().st_mtime_ns for p in parts]
-    again = DPOTrainer(args=config("again", precompute_ref_log_probs=True, ref_cache_dir=cache))
+    before = models()
+    cached = DPOTrainer(args=config("cached", precompute_ref_log_probs=True, ref_cache_dir=cache))
     after = sorted(Path(cache).glob("*/part-*.pt"))
-    results["rerun_computed_nothing"] = after == parts and [p.stat().st_mtime_ns for p in after] == stamps
-
-    policy = again.engines.policy.module  # untrained: the weights the cache key was computed from
+    results["rerun_computed_nothing"] = bool(parts) and after == parts and [
+        p.stat().st_mtime_ns for p in after] == stamps
+    results["splits"] = sorted(directories)
+    policy = cached.engines.policy.module  # untrained yet: the weights the cache key was computed from
     results["local_numel"] = max(p.data.numel() for p in policy.parameters())
     results["zero3_digest"] = weights_digest(policy.named_parameters())
     results["key_digests"] = sorted({json.loads(k.read_text())["model"] for k in Path(cache).glob("*/key.json")})
+    results["precomputed"] = {**run(cached), "new_models": models() - before,
+                              "reference_engine": cached.engines.reference is not None,
+                              "cache_files": len(list(Path(cache).glob("*/key.json")))}
 
     # TR-DPO: the online run's reference engine mixed towards its trained policy, one parameter at a time.
     release_gathered(online.engines.reference)

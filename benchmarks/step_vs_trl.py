@@ -4,6 +4,7 @@
     python benchmarks/step_vs_trl.py                        # CPU (and CUDA when present)
     python benchmarks/step_vs_trl.py --steps 10 --json out.json --markdown out.md
     python benchmarks/step_vs_trl.py --dpo_ds_deepspeed ds_configs/zero2.json
+    python benchmarks/step_vs_trl.py --dpo_ds_features prefix_sharing   # one feature row only
 
 The job: SmolLM2-135M-Instruct ("builtin"), sigmoid DPO with beta 0.1, the first
 steps * batch_size standard-format rows of the built-in preference set (TRL
@@ -29,6 +30,16 @@ memory and thread pools never mix):
 `--dpo_ds_deepspeed` (repeatable) replaces those two rows: `zero0`,
 `default`, or a DeepSpeed JSON path (its reference: stage 0 for a policy
 below stage 3, otherwise dpo_ds's ZeRO-3 CPU-offloaded default).
+- dpo_ds SETTING + FEATURE: a setting with one of dpo_ds's step-saving
+  features (`FEATURES`): `padding_free` (the batch's sequences packed into
+  rows, no padding), `prefix_sharing` (each prompt run once for both
+  completions), `precompute_ref` (reference log-probs computed once before
+  training; no reference forward in the step) and the last two together.
+  By default each on the default setting, and the combination on zero0 too;
+  `--dpo_ds_features [SETTING:]FEATURE` (repeatable; `none` for no feature
+  rows) picks others. The precomputation pass runs in a fresh cache
+  directory, so its cost shows in the setup column (trainer construction,
+  model loading included), not in the step time.
 
 Seconds per step: the time between the ends of consecutive optimizer steps
 (TRL: its `on_step_end` callback; dpo_ds: right after `engine.step()`, which
@@ -72,6 +83,16 @@ ZERO0_CONFIG = {
     "steps_per_print": 1_000_000_000,
     "zero_optimization": {"stage": 0},
 }
+
+
+# dpo_ds's step-saving features, each measured on top of the default setting: name -> DPOConfig overrides.
+FEATURES = {
+    "padding_free": {"padding_free": True},
+    "prefix_sharing": {"prefix_sharing": True},
+    "precompute_ref": {"precompute_ref_log_probs": True},
+    "prefix_sharing+precompute_ref": {"prefix_sharing": True, "precompute_ref_log_probs": True},
+}
+DEFAULT_FEATURE_ROWS = [f"default:{name}" for name in FEATURES] + ["zero0:prefix_sharing+precompute_ref"]
 
 
 # ----------------------------------------------------------------------------- workers (one per subprocess)
@@ -141,8 +162,10 @@ def run_trl(opts: argparse.Namespace, model_path: str, rows: list[dict], out_dir
         logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, seed=opts.seed,
     )
+    start = time.perf_counter()
     trainer = DPOTrainer(model=model_path, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[StepClock()])
+    setup_seconds = time.perf_counter() - start
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {
@@ -152,6 +175,7 @@ def run_trl(opts: argparse.Namespace, model_path: str, rows: list[dict], out_dir
         "grad_norms": [h.get("grad_norm") for h in logs],
         "tokens": logs[-1].get("num_tokens"),
         "threads": torch.get_num_threads(),
+        "setup_seconds": setup_seconds,
     }
 
 
@@ -165,17 +189,25 @@ def run_dpo_ds(opts: argparse.Namespace, model_path: str, rows: list[dict], out_
 
     ds_path, ref_stage, ref_offload = dpo_ds_setting(opts.ds, out_dir)
     distributed.init()
-    args = DPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=opts.batch_size, max_steps=opts.steps,
-        learning_rate=opts.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
-        beta=0.1, loss_type="sigmoid", max_length=opts.max_length, disable_dropout=True,
-        precompute_ref_log_probs=False, gradient_checkpointing=False, bf16=opts.device == "cuda",
-        model_init_kwargs={"dtype": "float32"}, attn_implementation="sdpa",
-        logging_steps=1, eval_strategy="no", save_steps=None, report_to=[], disable_tqdm=True,
-        seed=opts.seed, deepspeed=ds_path, ref_zero_stage=ref_stage, ref_offload=ref_offload,
-    )
+    features = FEATURES[opts.features] if opts.features else {}
+    if features.get("precompute_ref_log_probs"):
+        features = {**features, "ref_cache_dir": os.path.join(out_dir, "ref_cache")}  # a fresh pass, timed
+    args = DPOConfig(**{
+        **dict(
+            output_dir=out_dir, per_device_train_batch_size=opts.batch_size, max_steps=opts.steps,
+            learning_rate=opts.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+            beta=0.1, loss_type="sigmoid", max_length=opts.max_length, disable_dropout=True,
+            precompute_ref_log_probs=False, gradient_checkpointing=False, bf16=opts.device == "cuda",
+            model_init_kwargs={"dtype": "float32"}, attn_implementation="sdpa",
+            logging_steps=1, eval_strategy="no", save_steps=None, report_to=[], disable_tqdm=True,
+            seed=opts.seed, deepspeed=ds_path, ref_zero_stage=ref_stage, ref_offload=ref_offload,
+        ),
+        **features,
+    })
+    start = time.perf_counter()
     trainer = DPOTrainer(model=model_path, args=args, train_dataset=Dataset.from_list(rows))
+    setup_seconds = time.perf_counter() - start
     clock, engine = Clock(), trainer.engines.policy
     engine_step = engine.step
 
@@ -198,6 +230,7 @@ def run_dpo_ds(opts: argparse.Namespace, model_path: str, rows: list[dict], out_
         "zero_stage": trainer.engines.ds_config["zero_optimization"].get("stage", 0),
         "ref_zero_stage": ref_stage,
         "ref_offload": ref_offload,
+        "setup_seconds": setup_seconds,
     }
     distributed.shutdown()
     return result
@@ -239,9 +272,10 @@ def worker(opts: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_worker(side: str, ds: Optional[str], device: str, opts: argparse.Namespace, log_dir: str) -> dict:
+def run_worker(side: str, ds: Optional[str], device: str, opts: argparse.Namespace, log_dir: str,
+               features: Optional[str] = None) -> dict:
     """Run one side in a fresh interpreter; returns its measurements (exits with its log tail on failure)."""
-    name = f"{device}-{side}" + (f"-{Path(ds).stem}" if ds else "")
+    name = f"{device}-{side}" + (f"-{Path(ds).stem}" if ds else "") + (f"-{features}" if features else "")
     result, log = os.path.join(log_dir, f"{name}.json"), os.path.join(log_dir, f"{name}.log")
     cmd = [sys.executable, __file__, "--_worker", side, "--_result", result, "--device", device,
            "--model", opts.model, "--steps", str(opts.steps), "--batch_size", str(opts.batch_size), "--max_length", str(opts.max_length),
@@ -250,6 +284,8 @@ def run_worker(side: str, ds: Optional[str], device: str, opts: argparse.Namespa
         cmd += ["--threads", str(opts.threads)]
     if ds:
         cmd += ["--_ds", ds]
+    if features:
+        cmd += ["--_features", features]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if opts.threads:
         env.update(OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
@@ -298,6 +334,7 @@ def summarize(label: str, data: dict, warmup: int) -> dict:
         "torch_threads": data["threads"],
         "load_average_1min": data["load_average"],
         "wall_seconds": data["wall_seconds"],
+        "setup_seconds": data["setup_seconds"],
         **{k: data[k] for k in ("zero_stage", "ref_zero_stage", "ref_offload") if k in data},
     }
 
@@ -308,14 +345,15 @@ RATIOS = {"seconds_per_step": "seconds_per_step_ratio", "cpu_seconds_per_step": 
 
 def table(device: str, rows: list[dict]) -> str:
     memory = "peak RSS MiB" if device == "cpu" else "max allocated MiB"
-    lines = [f"| {device} | s/step | CPU s/step | {memory} | step-1 loss | tokens/step | "
+    lines = [f"| {device} | s/step | CPU s/step | {memory} | step-1 loss | tokens/step | setup s | "
              "s/step ratio | CPU s/step ratio | memory ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tokens = f"{r['tokens_per_step']:.0f}" if r["tokens_per_step"] else "-"
         ratios = " | ".join(f"{r.get(name, 1.0):.2f}" for name in RATIOS.values())
         lines.append(f"| {r['label']} | {r['seconds_per_step']:.3f} | {r['cpu_seconds_per_step']:.3f} | "
-                     f"{r['peak_memory_mib']:.0f} | {r['step1_loss']:.4f} | {tokens} | {ratios} |")
+                     f"{r['peak_memory_mib']:.0f} | {r['step1_loss']:.4f} | {tokens} | {r['setup_seconds']:.1f} | "
+                     f"{ratios} |")
     return "\n".join(lines)
 
 
@@ -341,11 +379,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="auto: CPU, and CUDA too when a GPU is visible")
     p.add_argument("--dpo_ds_deepspeed", action="append", metavar="zero0|default|PATH",
                    help="dpo_ds DeepSpeed setting(s) to measure (repeatable; default: zero0 and default)")
+    p.add_argument("--dpo_ds_features", action="append", metavar="none|[SETTING:]FEATURE",
+                   help=f"a dpo_ds feature ({', '.join(FEATURES)}) to measure on a setting (zero0, default "
+                        "or a JSON path; default: default) (repeatable; default: "
+                        f"{' '.join(DEFAULT_FEATURE_ROWS)})")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the printed tables to a Markdown file")
     p.add_argument("--_worker", choices=("trl", "dpo_ds"), dest="side", help=argparse.SUPPRESS)
     p.add_argument("--_result", dest="result", help=argparse.SUPPRESS)
     p.add_argument("--_ds", dest="ds", help=argparse.SUPPRESS)
+    p.add_argument("--_features", dest="features", choices=tuple(FEATURES), help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.side:
         worker(opts)
@@ -354,9 +397,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--steps {opts.steps} must exceed --warmup {opts.warmup}: no step would be timed")
 
     settings = opts.dpo_ds_deepspeed or ["zero0", "default"]
+    features = [f if ":" in f else f"default:{f}" for f in (opts.dpo_ds_features or DEFAULT_FEATURE_ROWS)
+                if f != "none"]
+    unknown = [f for f in features if f.rpartition(":")[2] not in FEATURES]
+    if unknown:
+        p.error(f"--dpo_ds_features {unknown}: expected none or [SETTING:]FEATURE with FEATURE one of "
+                f"{list(FEATURES)}")
     report: dict[str, Any] = {
         "config": {k: getattr(opts, k) for k in ("model", "steps", "warmup", "batch_size", "max_length", "learning_rate",
-                                                   "seed", "threads")} | {"dpo_ds_deepspeed": settings},
+                                                   "seed", "threads")}
+        | {"dpo_ds_deepspeed": settings, "dpo_ds_features": features},
         "dpo_ds_revision": revision(),
         "cpu_count": os.cpu_count(),
         "results": {},
@@ -368,6 +418,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows = [trl]
             for ds in settings:
                 row = summarize(f"dpo_ds {ds}", run_worker("dpo_ds", ds, device, opts, log_dir), opts.warmup)
+                row.update({ratio: row[key] / trl[key] for key, ratio in RATIOS.items()})
+                rows.append(row)
+            for spec in features:
+                ds, _, name = spec.rpartition(":")
+                row = summarize(f"dpo_ds {ds} + {name}", run_worker("dpo_ds", ds, device, opts, log_dir,
+                                                                     features=name), opts.warmup)
                 row.update({ratio: row[key] / trl[key] for key, ratio in RATIOS.items()})
                 rows.append(row)
             report["results"][device] = rows

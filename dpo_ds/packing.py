@@ -9,8 +9,8 @@ the flattened model input, so `PreferenceModel` can hand back per-token
 outputs in the padded layout.
 
 - `padded`: the batch as collated (no `token_index`).
-- `padding_free`: the 2B sequences are packed first-fit-decreasing into rows of
-  at most `max_length` tokens, positions restarting at 0 per sequence, and a
+- `padding_free`: the 2B sequences are packed into the fewest balanced rows
+  of at most `max_length` tokens, positions restarting at 0 per sequence, and a
   block-diagonal causal mask `[R, 1, N, N]` (sdpa/eager). With a varlen kernel
   (flash attention) everything goes into one row with no mask: the kernel
   finds the sequence boundaries from `position_ids`.
@@ -97,20 +97,33 @@ def _units(batch: dict[str, Tensor], shared_prompt: bool) -> list[_Unit]:
     return units
 
 
+def _rows(units: list[_Unit], capacity: Optional[int]) -> list[list[_Unit]]:
+    """Balanced rows of at most `capacity` tokens (None: one row), as few as the greedy finds.
+
+    From the fewest rows the tokens need: longest unit first, each into the
+    emptiest row, so that no row's tail (the positions after its last unit, up
+    to the common width) exceeds the longest unit; one more row while that
+    overflows a row (it ends: one unit per row always fits).
+    """
+    if capacity is None:
+        return [units]
+    count = max(1, -(-sum(u.length for u in units) // capacity))
+    while True:
+        rows: list[list[_Unit]] = [[] for _ in range(count)]
+        fill = [0] * count
+        for unit in sorted(units, key=lambda u: -u.length):
+            emptiest = min(range(count), key=fill.__getitem__)
+            rows[emptiest].append(unit)
+            fill[emptiest] += unit.length
+        if max(fill) <= capacity:
+            return rows
+        count += 1
+
+
 def _pack(units: list[_Unit], capacity: Optional[int], multiple: Optional[int], padded_shape: torch.Size) -> dict:
-    """First-fit decreasing into rows of `capacity` tokens (None: one row, no mask)."""
-    bins: list[list[_Unit]] = []
-    fill: list[int] = []
-    for unit in sorted(units, key=lambda u: -u.length):
-        for b, used in enumerate(fill):
-            if capacity is None or used + unit.length <= capacity:
-                bins[b].append(unit)
-                fill[b] += unit.length
-                break
-        else:
-            bins.append([unit])
-            fill.append(unit.length)
-    width = max(fill)
+    """Lay the units out in balanced rows of at most `capacity` tokens (None: one row, no mask)."""
+    bins = _rows(units, capacity)
+    width = max(sum(u.length for u in members) for members in bins)
     if multiple:
         width = -(-width // multiple) * multiple
     n_rows = len(bins)

@@ -92,8 +92,7 @@ def test_varlen_layout_is_one_unmasked_row_that_hf_splits_by_position():
     rows = random_rows(3, seed=3)
     batch = PreferenceCollator(0)(rows)
     inputs = model_inputs(batch, "padding_free", max_length=8, attn_implementation="flash_attention_2")
-    lengths = sorted((len(r["prompt_ids"]) + len(r[p]) for p in ("chosen_ids", "rejected_ids") for r in rows),
-                     reverse=True)
+    lengths = [len(r["prompt_ids"]) + len(r[p]) for p in ("chosen_ids", "rejected_ids") for r in rows]
     assert inputs["attention_mask"] is None
     assert inputs["input_ids"].shape == (1, sum(lengths))
     assert inputs["position_ids"][0].tolist() == [t for n in lengths for t in range(n)]
@@ -101,7 +100,7 @@ def test_varlen_layout_is_one_unmasked_row_that_hf_splits_by_position():
 
 
 def test_padding_free_rows_hold_at_most_max_length_tokens_and_every_real_token_once():
-    batch = PreferenceCollator(0)(random_rows(6, seed=4))
+    batch = PreferenceCollator(0)(random_rows(6, seed=4, prompt=(2, 10), completion=(1, 8)))
     inputs = model_inputs(batch, "padding_free", max_length=20)
     real = int(batch["attention_mask"].sum())
     assert inputs["input_ids"].shape[1] <= 20
@@ -109,7 +108,9 @@ def test_padding_free_rows_hold_at_most_max_length_tokens_and_every_real_token_o
     at = inputs["token_index"][batch["attention_mask"] > 0]
     assert at.unique().numel() == real
     assert torch.equal(inputs["input_ids"].flatten()[at], batch["input_ids"][batch["attention_mask"] > 0])
-    # Fewer model tokens than the padded batch.
+    # Balanced rows: each row's unused tail is shorter than the longest sequence.
+    rows, longest = inputs["input_ids"].shape[0], int(batch["attention_mask"].sum(1).max())
+    assert inputs["input_ids"].numel() - real < rows * longest
     assert inputs["input_ids"].numel() < batch["input_ids"].numel()
 
 

@@ -89,6 +89,11 @@ def stop_if_requested(step: int, save: Callable[[int], object], device: torch.de
     if not requested(device):
         return
     save(step)
+    # The stop is decided and saved: a late signal (a launcher reaping the ranks, the scheduler's second
+    # SIGTERM) must not turn exit 75 into a kill. Python resets its own handlers to SIG_DFL while it
+    # finalizes, but leaves SIG_IGN alone.
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"dpo_ds: stopped after step {step}, checkpoint saved, because a rank got SIGTERM or SIGUSR1 "
               f"(exit code {EXIT_PREEMPTED})", file=sys.stderr)

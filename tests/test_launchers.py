@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -224,12 +225,13 @@ def test_slurm_usr1_saves_requeues_and_resumes(tmp_path, tiny_model_dir, slurm):
 
 
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_model_dir):
-    """SIGUSR1 to rank 1 alone, then SIGTERM to both during the save: one complete checkpoint, exit 75."""
+    """SIGUSR1 to rank 1 alone, then SIGTERM to both until they exit: one complete checkpoint, exit 75."""
     out_dir = tmp_path / "out"
     cmd = [*RUNNER, "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN),
            *train_args(tmp_path, tiny_model_dir, "--max_steps", "100", "--save_steps", "none")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    log = tmp_path / "launcher.log"  # a file, not a pipe: nobody reads while the test keeps signalling
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
     try:
         wait_until(lambda: (out_dir / "metrics.jsonl").exists() or proc.poll() is not None, TIMEOUT,
                    "the first step")
@@ -242,14 +244,20 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_mod
         assert len(ranks) == 2, ranks
         os.kill(ranks[1], signal.SIGUSR1)
         wait_until(lambda: any(out_dir.glob("checkpoint-*")) or proc.poll() is not None, TIMEOUT, "the save")
-        for pid in ranks.values():
-            with contextlib.suppress(ProcessLookupError):  # a rank may have exited already
-                os.kill(pid, signal.SIGTERM)
-        output = proc.communicate(timeout=TIMEOUT)[0]
+        # SIGTERM again and again until the launcher is gone: during the save, the requeue and the ranks'
+        # interpreter shutdown, none of them may turn exit 75 into a kill.
+        deadline = time.monotonic() + TIMEOUT
+        while proc.poll() is None and time.monotonic() < deadline:
+            for pid in ranks.values():
+                with contextlib.suppress(ProcessLookupError):  # a rank may have exited already
+                    os.kill(pid, signal.SIGTERM)
+            time.sleep(0.05)
+        proc.wait(timeout=TIMEOUT)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    output = log.read_text()
     assert proc.returncode == EXIT_PREEMPTED, output[-5000:]
     saved = sorted(out_dir.glob("checkpoint-*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").exists(), output[-5000:]

@@ -184,7 +184,7 @@ def test_tr_dpo_reference_syncs_every_n_steps_and_survives_a_checkpoint(tmp_path
 
 
 @pytest.mark.slow
-def test_zero3_precomputed_run_equals_online_run(tmp_path, tiny_model_dir):
+def test_zero3_precomputed_prefix_shared_run_equals_online_padded_run(tmp_path, tiny_model_dir):
     data = write_learnable_data(tmp_path / "prefs.jsonl", 40, seed=0)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
            "--master_port", str(29500 + (os.getpid() + 7) % 1000), __file__, tiny_model_dir, str(data), str(tmp_path)]
@@ -237,15 +237,17 @@ def probe(model_dir: str, data: str, out: str) -> None:
     rank = torch.distributed.get_rank()
     online = DPOTrainer(args=config("online"))
     results = {"online": run(online)}
-    # `dpo-ds precompute-ref`'s pass (a separate ZeRO-3 offloaded inference engine, batch 3); the training
-    # run below must then find every value cached: same key from its own policy engine, nothing recomputed.
+    # `dpo-ds precompute-ref`'s pass (a separate ZeRO-3 offloaded inference engine, batch 3, packed rows); the
+    # training run below must then find every value cached: same key from its own policy engine, nothing
+    # recomputed. That run trains on prefix-shared batches: its losses must still be the padded online run's.
     cache = f"{out}/cache"
     directories = run_precompute(config("cli", precompute_ref_log_probs=True, precompute_ref_batch_size=3,
-                                        ref_cache_dir=cache))
+                                        ref_cache_dir=cache, padding_free=True))
     parts = sorted(Path(cache).glob("*/part-*.pt"))
     stamps = [p.stat().st_mtime_ns for p in parts]
     before = models()
-    cached = DPOTrainer(args=config("cached", precompute_ref_log_probs=True, ref_cache_dir=cache))
+    cached = DPOTrainer(args=config("cached", precompute_ref_log_probs=True, ref_cache_dir=cache,
+                                    prefix_sharing=True))
     after = sorted(Path(cache).glob("*/part-*.pt"))
     results["rerun_computed_nothing"] = bool(parts) and after == parts and [
         p.stat().st_mtime_ns for p in after] == stamps

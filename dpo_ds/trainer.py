@@ -331,7 +331,8 @@ class DPOTrainer:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}",
                             tok_s=f"{metrics['tokens_per_second']:.0f}")
         if _rank() == 0:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+            # Four significant digits, not four decimals: a learning rate of 5e-06 must not print as 0.0.
+            shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in metrics.items()}
             (bar.write if bar is not None else print)(str(shown))
 
     def _progress_bar(self):

@@ -86,13 +86,14 @@ def test_zero3_policy_zero3_offloaded_reference_learns(tmp_path, tiny_model_dir)
 
 @pytest.mark.slow
 def test_zero2_policy_with_zero3_offloaded_reference(tmp_path, tiny_qwen_dir):
-    run_train(tmp_path, tiny_qwen_dir, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
-              "--ref_zero_stage", "3", "--ref_offload", "cpu", "--max_steps", "4", "--save_steps", "none",
-              "--lr_scheduler_type", "linear")
+    proc = run_train(tmp_path, tiny_qwen_dir, "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"),
+                     "--ref_zero_stage", "3", "--ref_offload", "cpu", "--max_steps", "4", "--save_steps", "none",
+                     "--lr_scheduler_type", "linear", "--learning_rate", "3e-5")
     rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    # As TRL logs it: the rate each step used (linear decay over 4 steps from 3e-3, no warmup).
-    assert [r["learning_rate"] for r in rows] == pytest.approx([3e-3, 2.25e-3, 1.5e-3, 0.75e-3])
+    # As TRL logs it: the rate each step used (linear decay over 4 steps from 3e-5, no warmup).
+    assert [r["learning_rate"] for r in rows] == pytest.approx([3e-5, 2.25e-5, 1.5e-5, 0.75e-5])
+    assert "'learning_rate': 7.5e-06" in proc.stdout  # the console line keeps small rates readable
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 

@@ -143,7 +143,10 @@ def make_optimizer(params, args, ds_config: dict) -> Optional[torch.optim.Optimi
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    # One fused kernel per step instead of foreach's passes over every state tensor, as transformers'
+    # default optimizer ("adamw_torch_fused") does; the fused kernel exists on CPU and CUDA.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
 def make_scheduler(optimizer, args, ds_config: dict, total_steps: int, warmup_steps: int):
@@ -171,6 +174,10 @@ def build_policy_engine(model: nn.Module, args, ds_config: dict, total_steps: in
         lr_scheduler=make_scheduler(optimizer, args, ds_config, total_steps, warmup_steps),
         config=ds_config,
     )
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # Nothing to reduce over one rank, yet stage 0 would flatten every gradient into buckets,
+        # "all-reduce" them over a group of one and copy them back (13 % of a CPU step).
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -97,6 +97,27 @@ def test_zero2_policy_with_zero3_offloaded_reference(tmp_path, tiny_qwen_dir):
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
+@pytest.mark.slow
+def test_one_rank_stage0_without_the_all_reduce_trains_like_zero2(tmp_path, tiny_model_dir):
+    """On one rank a stage-0 policy skips DeepSpeed's gradient all-reduce (a group of one): with gradient
+    accumulation, its losses and gradient norms must still be those of ZeRO-2, whose reduction is its own."""
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                 "train_batch_size": "auto", "gradient_clipping": "auto",
+                                 "zero_optimization": {"stage": 0}}))
+    common = ("--max_steps", "4", "--save_steps", "none", "--ref_zero_stage", "0", "--ref_offload", "none",
+              "--gradient_accumulation_steps", "2")
+    runs = {}
+    for name, config in (("zero0", zero0), ("zero2", ROOT / "ds_configs" / "zero2.json")):
+        run_train(tmp_path, tiny_model_dir, "--deepspeed", str(config), *common, nprocs=1, out=name)
+        runs[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+    assert len(runs["zero0"]) == len(runs["zero2"]) == 4
+    for a, b in zip(runs["zero0"], runs["zero2"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert runs["zero0"][-1]["loss"] < runs["zero0"][0]["loss"] - 0.05
+
+
 def latest_per_step(path: Path) -> dict[int, float]:
     """step -> loss, the last line written for each step (a killed run may have logged a step twice)."""
     return {r["global_step"]: r["loss"] for r in read_metrics(path) if "loss" in r}

@@ -121,10 +121,7 @@ def _f32(*tensors):
 
 def kernels() -> fused.Kernels:
     """The compiled CPU kernels; raises BackendUnavailable (with the compiler's reason) if they cannot be built."""
-    loaded = _load()
-    if isinstance(loaded, fused.BackendUnavailable):
-        raise fused.BackendUnavailable(str(loaded))
-    return loaded
+    return fused.unwrap(_load())
 
 
 def logits_logprobs(logits, labels, **kwargs) -> LogProbs:

@@ -45,20 +45,12 @@ def _load() -> fused.Kernels | fused.BackendUnavailable:
     def grad(x, labels, ignore_index, vocab_start, lse, grad_logps, inv_t, cap, dst):
         mod.grad(x, labels, ignore_index, vocab_start, lse, grad_logps, inv_t, cap, dst, _stream(x))
 
-    kernels = fused.Kernels("cuda", "cuda", fold, grad, TILE_ROWS, TILE_COLS)
-    try:
-        fused.self_check(kernels, "cuda")
-    except fused.BackendUnavailable as err:
-        return err
-    return kernels
+    return fused.checked(fused.Kernels("cuda", "cuda", fold, grad, TILE_ROWS, TILE_COLS), "cuda")
 
 
 def kernels() -> fused.Kernels:
     """The compiled CUDA kernels; raises BackendUnavailable saying why they cannot be built or run."""
-    loaded = _load()
-    if isinstance(loaded, fused.BackendUnavailable):
-        raise fused.BackendUnavailable(str(loaded))
-    return loaded
+    return fused.unwrap(_load())
 
 
 def logits_logprobs(logits, labels, **kwargs) -> LogProbs:

@@ -67,6 +67,13 @@ class Kernels:
                 )
 
 
+def unwrap(loaded: "Kernels | BackendUnavailable") -> "Kernels":
+    """What a backend's cached `_load()` returned: its kernels, or its remembered failure raised again."""
+    if isinstance(loaded, BackendUnavailable):
+        raise BackendUnavailable(str(loaded))
+    return loaded
+
+
 @dataclass(frozen=True)
 class Config:
     ignore_index: int
@@ -283,6 +290,15 @@ def linear_logprobs(kernels: Kernels, hidden: Tensor, weight: Tensor, labels: Te
                   (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))
     rows, kept = reference._select_rows(labels, weight.shape[0], ignore_index)
     return LogProbs(*_LinearFn.apply(hidden, weight, bias, rows, kept.contiguous(), kernels, cfg))
+
+
+def checked(kernels: Kernels, device: str) -> Kernels | BackendUnavailable:
+    """`kernels` if they pass `self_check` on `device`, else the reason, for a backend's `_load()` to remember."""
+    try:
+        self_check(kernels, device)
+    except BackendUnavailable as err:
+        return err
+    return kernels
 
 
 def self_check(kernels: Kernels, device: str) -> None:

@@ -24,20 +24,12 @@ def _load() -> fused.Kernels | fused.BackendUnavailable:
             return fused.BackendUnavailable("the triton log-prob backend needs a CUDA GPU (or TRITON_INTERPRET=1)")
     device = "cpu" if tk.INTERPRET else "cuda"
     kernels = fused.Kernels("triton", device, tk.fold, tk.grad, tk.TILE_ROWS, tk.TILE_COLS, tk.linear_forward)
-    if not tk.INTERPRET:
-        try:
-            fused.self_check(kernels, "cuda")
-        except fused.BackendUnavailable as err:
-            return err
-    return kernels
+    return kernels if tk.INTERPRET else fused.checked(kernels, "cuda")
 
 
 def kernels() -> fused.Kernels:
     """The Triton kernels; raises BackendUnavailable saying why they cannot run here."""
-    loaded = _load()
-    if isinstance(loaded, fused.BackendUnavailable):
-        raise fused.BackendUnavailable(str(loaded))
-    return loaded
+    return fused.unwrap(_load())
 
 
 def logits_logprobs(logits, labels, **kwargs) -> LogProbs:

@@ -18,19 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
+
+from .distributed import barrier as _barrier, rank as _rank, world_size
 
 COMPLETE = "COMPLETE"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -88,7 +80,7 @@ def load(engine, path: Path) -> dict[str, Any]:
     from there: ZeRO optimizer shards only load on the world size that wrote them.
     """
     saved = saved_world_size(path)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if saved is None or saved == world:
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     else:

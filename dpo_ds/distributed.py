@@ -163,6 +163,22 @@ def init() -> str:
     return launcher
 
 
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Destroy the process group (without it the deepspeed launcher reports exit code -6)."""
     if dist.is_initialized():

@@ -17,6 +17,7 @@ import deepspeed
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .ops import LogProbs, linear_logprobs
 
 logger = logging.getLogger(__name__)
@@ -233,15 +234,13 @@ def mix_weights(target: nn.Module, source: nn.Module, alpha: float) -> None:
     is ever whole.
     """
     sources = dict(source.named_parameters())
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, param in target.named_parameters():
         if name not in sources:
             raise KeyError(f"mix_weights: the source model has no parameter {name!r}")
         with _gathered([sources[name]]), _gathered([param], modifier_rank=0), torch.no_grad():
-            if rank == 0 or not is_partitioned(param):
+            if distributed.rank() == 0 or not is_partitioned(param):
                 update = sources[name].data.to(param.device, param.dtype)
                 param.data.mul_(1.0 - alpha).add_(update, alpha=alpha)
-
 
 
 def export_peft(engine, model, tokenizer, out_dir: str | Path) -> Path:

@@ -26,9 +26,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import barrier as _barrier, rank as _rank, world_size as _world
 from .engines import build_reference_engine, load_for_engine, mix_weights, release_gathered, weights_digest
 from .losses import PairLogps, needs_reference
 from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER, cache_dir, is_peft_model
@@ -44,19 +44,6 @@ _VALUE_SETTINGS = ("temperature", "logit_softcap", "ld_alpha", "attn_implementat
 # ... and those that decide the token ids (already in the data fingerprint; kept so the manifest tells).
 _TOKEN_SETTINGS = ("max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "eos_token",
                    "chat_template_path")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def pair_logps(token_logps: Tensor, mask: Tensor, ld_alpha: Optional[float] = None,
@@ -350,7 +337,7 @@ def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[
 
 # ----------------------------------------------------------------------------- choosing
 
-def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_config: Callable[[], dict],
+def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_config: dict,
                     splits: dict, batches: Callable[[list[dict]], dict],
                     batch_sizes: dict[str, int], separate_model: bool) -> tuple[Reference, Any]:
     """The run's reference strategy and the reference engine it keeps alive (None when there is none).
@@ -368,9 +355,8 @@ def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_conf
     elif args.precompute_ref_log_probs and not separate_model:
         online, engine = EngineReference(policy, args.ld_alpha), None
     else:
-        config = ref_ds_config()
-        model, handle = load_for_engine(load_reference, config)
-        engine = build_reference_engine(model, args, config)
+        model, handle = load_for_engine(load_reference, ref_ds_config)
+        engine = build_reference_engine(model, args, ref_ds_config)
         del handle
         online = EngineReference(engine, args.ld_alpha, policy, args.ref_model_mixup_alpha,
                                  args.ref_model_sync_steps if args.sync_ref_model else 0)

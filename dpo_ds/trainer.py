@@ -24,6 +24,7 @@ from . import checkpoint, preemption
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
+from .distributed import rank as _rank, world_size as _world
 from .engines import Engines, build_policy_engine, export_peft, load_for_engine
 from .losses import compute_loss
 from .metrics import MeanAccumulator, MetricsSink, pair_metrics, token_metrics
@@ -33,14 +34,6 @@ from .packing import inputs_for
 from .reference import build_reference, pair_logps
 
 logger = logging.getLogger(__name__)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _rng_state() -> dict:
@@ -135,15 +128,15 @@ class DPOTrainer:
         ref_source = ref_model if ref_model is not None else (
             resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else load)
         splits = {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
+        ref_ds = reference_deepspeed_config(a, ds_config)
         self.reference, reference = build_reference(
-            a, policy, lambda: self._load(ref_source, fresh=True), lambda: reference_deepspeed_config(a, ds_config),
+            a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
             splits, lambda rows: inputs_for(self.collator(rows), a, policy.device),
             {"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
             separate_model=ref_model is not None or bool(a.ref_model_name_or_path))
         # The policy's ZeRO settings stay the ones transformers sees during training.
         _, handle = load_for_engine(lambda: None, ds_config)
-        self.engines = Engines(policy, reference, ds_config,
-                               reference_deepspeed_config(a, ds_config) if reference is not None else None, handle)
+        self.engines = Engines(policy, reference, ds_config, ref_ds if reference is not None else None, handle)
 
         # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
         self.window = torch.zeros(2, dtype=torch.float64)

@@ -43,7 +43,7 @@ def forbidden(*_):
                                 dict(loss_type="sigmoid", reference_free=True, use_peft=True)])
 def test_reference_free_losses_never_build_a_reference(kw):
     args = DPOConfig(**kw)
-    strategy, engine = build_reference(args, policy=None, load_reference=forbidden, ref_ds_config=forbidden,
+    strategy, engine = build_reference(args, policy=None, load_reference=forbidden, ref_ds_config={},
                                        splits={}, batches=forbidden, batch_sizes={}, separate_model=False)
     assert type(strategy) is Reference and engine is None
     assert strategy.pair_logps({}, None, "train") is None
@@ -54,7 +54,7 @@ def test_a_reference_loss_does_ask_for_the_reference_model():
     policy = SimpleNamespace(module=SimpleNamespace(model=torch.nn.Linear(1, 1)))
     with pytest.raises(Forbidden):
         build_reference(DPOConfig(loss_type="sigmoid"), policy=policy, load_reference=forbidden,
-                        ref_ds_config=forbidden, splits={}, batches=forbidden, batch_sizes={}, separate_model=True)
+                        ref_ds_config={}, splits={}, batches=forbidden, batch_sizes={}, separate_model=True)
 
 
 def test_weights_digest_follows_every_bit_of_every_weight():

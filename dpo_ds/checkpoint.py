@@ -2,9 +2,17 @@
 
 Layout: `output_dir/checkpoint-<step>/` is what DeepSpeed's `save_checkpoint`
 writes (tag = the directory name), plus `COMPLETE`, written by rank 0 only
-after every rank has finished writing. `output_dir/latest` names the newest
+after every rank has finished writing; it records the ZeRO stage and the number
+of ranks that wrote the checkpoint. `output_dir/latest` names the newest
 complete checkpoint and is replaced atomically, so an interrupted save never
 becomes the one a resume picks.
+
+A checkpoint resumes on any number of ranks and any ZeRO stage: when its
+layout differs from the engine's, it goes through DeepSpeed's universal format
+(`<checkpoint>/universal`: one file per parameter and optimizer state). A
+stage-0 (replicated) checkpoint is converted by `_replicated_to_universal`,
+any ZeRO checkpoint by DeepSpeed's `ds_to_universal`; ZeRO engines load the
+universal format themselves, a stage-0 engine through `_load_universal_replicated`.
 """
 from __future__ import annotations
 
@@ -44,10 +52,15 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, save_tot
     """Collective: every rank writes its shards; rank 0 then marks the checkpoint complete."""
     root = Path(output_dir)
     tag = f"checkpoint-{step}"
+    stage = engine.zero_optimization_stage()
+    if stage == 0:
+        # A replicated optimizer's state is keyed by position: keep the names to convert it later.
+        client_state = {**client_state, OPTIMIZER_PARAM_NAMES: optimizer_param_names(engine)}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _barrier()
     if _rank() == 0:
-        _atomic_write(root / tag / COMPLETE, json.dumps({"step": step}))
+        _atomic_write(root / tag / COMPLETE, json.dumps({"step": step, "zero_stage": stage,
+                                                         "world_size": world_size()}))
         _atomic_write(root / "latest", tag)
         if save_total_limit:
             for old in complete_checkpoints(root)[:-save_total_limit]:
@@ -75,14 +88,21 @@ def resolve_resume(spec: Optional[str], output_dir: str | Path) -> Optional[Path
 def load(engine, path: Path) -> dict[str, Any]:
     """Restore model, optimizer and scheduler states; returns this rank's client state.
 
-    A checkpoint written by another number of data-parallel ranks is converted to
-    DeepSpeed's universal format (once, kept in `<checkpoint>/universal`) and loaded
-    from there: ZeRO optimizer shards only load on the world size that wrote them.
+    A checkpoint written by another number of data-parallel ranks or another ZeRO
+    stage is converted to DeepSpeed's universal format (once, kept in
+    `<checkpoint>/universal`) and loaded from there: ZeRO optimizer shards only
+    load on the world size and stage that wrote them.
     """
-    saved = saved_world_size(path)
-    world = world_size()
-    if saved is None or saved == world:
+    stage, world = engine.zero_optimization_stage(), world_size()
+    saved_stage, saved_world = saved_layout(path)
+    if saved_stage is None:  # written before the marker recorded the layout
+        same_layout = saved_world in (None, world)
+    else:  # a replicated (stage-0) checkpoint loads on any number of stage-0 ranks
+        same_layout = saved_stage == stage and (stage == 0 or saved_world == world)
+    if same_layout:
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    elif stage == 0:
+        client_state = _load_universal_replicated(engine, to_universal(path))
     else:
         universal = to_universal(path)
         # DeepSpeed reads this flag only while loading; set it for this load alone.
@@ -93,29 +113,131 @@ def load(engine, path: Path) -> dict[str, Any]:
             engine._config.load_universal_checkpoint = False
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    client_state.pop(OPTIMIZER_PARAM_NAMES, None)
     return client_state
 
 
-def saved_world_size(path: Path) -> Optional[int]:
-    """How many data-parallel ranks wrote a checkpoint: its ZeRO optimizer shards (None without ZeRO)."""
-    return len(list(Path(path).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
+def saved_layout(path: Path) -> tuple[Optional[int], Optional[int]]:
+    """(ZeRO stage, number of ranks) that wrote a checkpoint. Checkpoints from before the marker recorded
+    them: (None, number of ZeRO optimizer shards), or (None, None) without ZeRO shards."""
+    marker = json.loads((Path(path) / COMPLETE).read_text() or "{}")
+    if "zero_stage" in marker:
+        return int(marker["zero_stage"]), int(marker["world_size"])
+    shards = len(list(Path(path).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    return None, shards or None
+
+
+OPTIMIZER_PARAM_NAMES = "dpo_ds_optimizer_param_names"
+_MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
+def optimizer_param_names(engine) -> list[str]:
+    """The names of a stage-0 engine's optimizer parameters, in the optimizer's order."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [names[id(p)] for group in engine.optimizer.param_groups for p in group["params"]]
 
 
 def to_universal(path: Path, workers: int = 2) -> Path:
-    """Collective: rank 0 runs DeepSpeed's `ds_to_universal` on `path` unless done before; all ranks wait."""
+    """Collective: rank 0 converts `path` to the universal format unless done before; all ranks wait."""
     out = Path(path) / "universal"
     if _rank() == 0 and not (out / COMPLETE).exists():
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-               "--output_folder", str(out), "--num_extract_workers", str(workers),
-               "--num_merge_workers", str(workers), "--inject_missing_state"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"converting {path} to a universal checkpoint failed ({' '.join(cmd)}):\n"
-                               f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+        if saved_layout(path)[0] == 0:
+            _replicated_to_universal(Path(path), out)
+        else:
+            _zero_to_universal(Path(path), out, workers)
         _atomic_write(out / COMPLETE, json.dumps({"from": str(path)}))
     _barrier()
     return out
+
+
+def _zero_to_universal(path: Path, out: Path, workers: int) -> None:
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(out), "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(workers), "--inject_missing_state"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"converting {path} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                           f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+
+
+def _replicated_to_universal(path: Path, out: Path) -> None:
+    """A stage-0 checkpoint (whole weights and a torch optimizer's state in one file) in the layout
+    `ds_to_universal` writes: `zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, the global optimizer
+    state in `zero/optimizer_state.pt`, and the model-states file under both ZeRO names."""
+    states = torch.load(path / _MODEL_STATES, map_location="cpu", weights_only=False)
+    names, optimizer = states.get(OPTIMIZER_PARAM_NAMES), states.get("optimizer")
+    if names is None or not isinstance(optimizer, dict) or "state" not in optimizer:
+        raise RuntimeError(f"{path} is a stage-0 checkpoint without a plain optimizer state and its parameter "
+                           "names (fp16 loss scaling, or written before dpo_ds recorded them): it resumes only "
+                           "on a stage-0 engine")
+    step = None
+    for index, name in enumerate(names):
+        weight = states["module"][name].float()
+        state = optimizer["state"].get(index, {})
+        folder = out / "zero" / name
+        folder.mkdir(parents=True)
+        torch.save({"param": weight}, folder / "fp32.pt")
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.save({"param": state.get(key, torch.zeros_like(weight)).float()}, folder / f"{key}.pt")
+        step = state.get("step", step)
+        if step is not None:
+            torch.save(step, folder / "step.pt")
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
+    # ZeRO-3 reads the step and hyperparameters from the nested dict, ZeRO-1/2 the top-level groups.
+    torch.save({"optimizer_state_dict": {"state": {0: {"step": step if step is not None else 0}},
+                                         "param_groups": groups},
+                "param_groups": groups}, out / "zero" / "optimizer_state.pt")
+    for name in (_MODEL_STATES, "zero_pp_rank_0_" + _MODEL_STATES):
+        shutil.copyfile(path / _MODEL_STATES, out / name)
+
+
+def _load_universal_replicated(engine, universal: Path) -> dict[str, Any]:
+    """Load a universal checkpoint into a stage-0 engine (DeepSpeed only loads it into ZeRO engines):
+    whole weights and Adam states per parameter name, then the scheduler, counters and client state
+    from the model-states file. Frozen parameters keep the values the model was loaded with."""
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer) or engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise RuntimeError(f"{universal.parent} was written under ZeRO: a stage-0 engine resumes it only in "
+                           "fp32 with a plain torch optimizer; use a ZeRO config (e.g. ds_configs/zero3.json)")
+    zero = universal / "zero"
+    global_state = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    nested = global_state.get("optimizer_state_dict", {})
+    groups = global_state.get("param_groups") or nested.get("param_groups")
+    names = optimizer_param_names(engine)
+    params = dict(engine.module.named_parameters())
+    state: dict[int, dict[str, Any]] = {}
+    with torch.no_grad():
+        for index, name in enumerate(names):
+            folder = zero / name
+            if not folder.is_dir():
+                raise RuntimeError(f"universal checkpoint {universal} has no state for parameter {name!r}")
+            param = params[name]
+
+            def read(key: str) -> torch.Tensor:
+                saved = torch.load(folder / f"{key}.pt", map_location="cpu", weights_only=False)
+                saved = saved["param"] if isinstance(saved, dict) else saved  # ZeRO-3's files hold the bare tensor
+                return saved.view(param.shape).to(param.device)
+
+            param.copy_(read("fp32"))
+            step = torch.load(folder / "step.pt", weights_only=False) if (folder / "step.pt").exists() \
+                else nested["state"][0]["step"]
+            state[index] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), "exp_avg": read("exp_avg"),
+                            "exp_avg_sq": read("exp_avg_sq")}
+    live = optimizer.state_dict()["param_groups"]
+    loaded = [{**saved, "params": group["params"]} for saved, group in zip(groups, live)]
+    optimizer.load_state_dict({"state": state, "param_groups": loaded})
+
+    model_states = sorted(universal.glob("*" + _MODEL_STATES))[0]
+    checkpoint = torch.load(model_states, map_location="cpu", weights_only=False)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    engine.global_steps = checkpoint["global_steps"]
+    engine.global_samples = checkpoint.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = checkpoint["skipped_steps"]
+    deepspeed_keys = {"module", "optimizer", "lr_scheduler", "skipped_steps", "global_steps", "global_samples",
+                      "dp_world_size", "mp_world_size", "data_sampler", "random_ltd"}
+    return {k: v for k, v in checkpoint.items() if k not in deepspeed_keys}
 
 
 def consolidated_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
@@ -200,7 +322,11 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     args = DPOConfig.load(str(run_config))
     model_path = resolve_model_path(args.model_name_or_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    full = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    if saved_layout(path)[0] == 0:  # replicated: the whole weights are in the model-states file
+        full = torch.load(path / _MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        full = {k: v.float() for k, v in full.items()}
+    else:
+        full = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
     check_shapes(state, config)
     out = Path(out_dir)

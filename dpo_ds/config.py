@@ -39,7 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "truncation_mode": ("keep_start", "keep_end"),
     "padding_side": ("right", "left"),
     "on_bad_row": ("error", "skip"),
-    "ref_offload": ("none", "cpu", "nvme"),
+    "ref_offload": ("auto", "none", "cpu", "nvme"),
     "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
     "eval_strategy": ("no", "steps"),
     "report_to": ("tensorboard", "wandb", "trackio", "none"),
@@ -147,10 +147,10 @@ class DPOConfig:
     """Compute reference log-probs for the whole dataset once, then train without a reference model in memory."""
     precompute_ref_batch_size: Optional[int] = None
     """Batch size of that precomputation; None = the train/eval batch size."""
-    ref_zero_stage: int = 3
-    """ZeRO stage of the inference-only reference engine (0 = replicated, 3 = sharded)."""
-    ref_offload: str = "cpu"
-    """Where the ZeRO-3 reference engine keeps its parameters between uses: none, cpu or nvme."""
+    ref_zero_stage: Optional[int] = None
+    """ZeRO stage of the reference engine (0 = replicated, 3 = sharded); none = 3, or 0 beside a one-rank stage-0 default."""
+    ref_offload: str = "auto"
+    """Where a ZeRO-3 reference keeps its parameters between uses: none, cpu, nvme, or auto (cpu under ZeRO-3)."""
     ref_nvme_path: Optional[str] = None
     """Directory for reference parameters when ref_offload is nvme."""
     sync_ref_model: bool = False
@@ -182,7 +182,7 @@ class DPOConfig:
     output_dir: str = "outputs/dpo"
     """Directory for checkpoints, metrics, logs and the resolved config.yaml."""
     deepspeed: Optional[str] = None
-    """DeepSpeed JSON config file; None = the built-in ZeRO-3 config without offload."""
+    """DeepSpeed JSON config file; none = built-in: ZeRO-3 without offload, stage 0 for fp32 on one rank."""
     per_device_train_batch_size: int = 2
     """Preference pairs per rank per micro-step."""
     per_device_eval_batch_size: int = 4
@@ -296,7 +296,7 @@ class DPOConfig:
             _fail("max_steps", self.max_steps, "-1 (use num_train_epochs) or an integer >= 1")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             _fail("num_train_epochs", self.num_train_epochs, "a number > 0 (or set max_steps)")
-        if self.ref_zero_stage not in (0, 1, 2, 3):
+        if self.ref_zero_stage not in (None, 0, 1, 2, 3):
             _fail("ref_zero_stage", self.ref_zero_stage, "0, 1, 2 or 3")
         ranges = {  # name: (low, high, low inclusive, high inclusive)
             "eval_fraction": (0.0, 1.0, True, False),
@@ -333,7 +333,7 @@ class DPOConfig:
     def _check_combinations(self) -> None:
         if self.bf16 and self.fp16:
             raise ConfigError("bf16 and fp16 are both true: choose one mixed-precision mode", "bf16", "fp16")
-        if self.ref_offload != "none" and self.ref_zero_stage < 3:
+        if self.ref_offload not in ("auto", "none") and self.ref_zero_stage is not None and self.ref_zero_stage < 3:
             raise ConfigError(
                 f"ref_offload={self.ref_offload!r} needs ref_zero_stage=3 (got {self.ref_zero_stage}): DeepSpeed "
                 "offloads parameters only under ZeRO-3 and would silently ignore it; set ref_offload=none "
@@ -674,7 +674,8 @@ def parse_args(argv: Optional[list[str]] = None, prog: str = "train.py") -> DPOC
 
 # ----------------------------------------------------------------------------- DeepSpeed
 
-# Used when DPOConfig.deepspeed is None: ZeRO-3 without offload (the same as ds_configs/zero3.json).
+# Used when DPOConfig.deepspeed is None: ZeRO-3 without offload (the same as ds_configs/zero3.json);
+# load_deepspeed_config makes it stage 0 for an fp32 run on one rank.
 DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
@@ -772,8 +773,13 @@ def load_deepspeed_config(
     """
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
-    source = args.deepspeed or "the built-in ZeRO-3 default"
+    source = args.deepspeed or "the built-in default"
     config = _read_deepspeed_json(args.deepspeed) if args.deepspeed else copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
+    if not args.deepspeed and world_size == 1 and not (args.bf16 or args.fp16):
+        # One rank has nothing to partition: ZeRO-3 would only add per-module gathers and a second fp32
+        # copy of the weights. A stage-0 checkpoint converts to ZeRO-3's layout when resumed on more
+        # ranks (checkpoint.load). Mixed precision keeps ZeRO-3: its stage-0 optimizer state has no converter.
+        config["zero_optimization"] = {"stage": 0}
     if num_training_steps is None and args.max_steps > 0:
         num_training_steps = args.max_steps
     f = _Filler(config)
@@ -827,20 +833,36 @@ def load_deepspeed_config(
     return config
 
 
+def reference_setup(args: DPOConfig, policy_ds: dict[str, Any]) -> tuple[int, str]:
+    """(ZeRO stage, offload device) of the reference engine: ref_zero_stage and ref_offload where set.
+
+    Unset, the reference is ZeRO-3 offloaded to CPU (sharded across ranks, off the accelerator between
+    uses), except beside the built-in one-rank stage-0 policy: there it is replicated too, since one rank
+    has nothing to shard and a CPU run nowhere to offload to.
+    """
+    one_rank_default = not args.deepspeed and int(policy_ds.get("zero_optimization", {}).get("stage", 0)) == 0
+    stage = args.ref_zero_stage
+    if stage is None:
+        stage = 3 if args.ref_offload not in ("auto", "none") or not one_rank_default else 0
+    offload = args.ref_offload if args.ref_offload != "auto" else ("cpu" if stage == 3 else "none")
+    return stage, offload
+
+
 def reference_deepspeed_config(args: DPOConfig, policy_ds: dict[str, Any]) -> dict[str, Any]:
     """The inference-only reference engine's config, derived from the policy's filled config:
-    ZeRO stage ref_zero_stage, parameters offloaded per ref_offload, the same precision and batch
-    sizes, and no optimizer or scheduler."""
+    the ZeRO stage and offload of `reference_setup`, the same precision and batch sizes, and no
+    optimizer or scheduler."""
     ref = {key: copy.deepcopy(policy_ds[key]) for key in (
         "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
         "bf16", "bfloat16", "fp16", "steps_per_print", "wall_clock_breakdown") if key in policy_ds}
-    zero: dict[str, Any] = {"stage": args.ref_zero_stage}
-    if args.ref_zero_stage == 3:
+    stage, offload = reference_setup(args, policy_ds)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
         policy_zero = policy_ds.get("zero_optimization", {})
         zero.update({k: v for k, v in policy_zero.items() if k.startswith("stage3_")})
-        if args.ref_offload != "none":
-            zero["offload_param"] = {"device": args.ref_offload, "pin_memory": True}
-            if args.ref_offload == "nvme":
+        if offload != "none":
+            zero["offload_param"] = {"device": offload, "pin_memory": True}
+            if offload == "nvme":
                 zero["offload_param"]["nvme_path"] = args.ref_nvme_path
     ref["zero_optimization"] = zero
     return ref

@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .config import ConfigError, DPOConfig, load_deepspeed_config, parse_known, reference_deepspeed_config
+from .config import ConfigError, DPOConfig, load_deepspeed_config, parse_known, reference_setup
 
 GIB = 2**30
 BUFFER_FACTOR = 1.5
@@ -310,8 +310,8 @@ def estimate(args: DPOConfig, shape: ModelShape, nodes: int = 1, gpus_per_node: 
     policy = policy_model_states(shape.params, shape.largest_layer_params, zero, nodes, gpus_per_node)
     reference, ref_setup = Memory(), None
     if _uses_reference_engine(args):
-        ref_stage = int(reference_deepspeed_config(args, ds)["zero_optimization"]["stage"])
-        ref_setup = {"stage": ref_stage, "offload": args.ref_offload if ref_stage == 3 else "none"}
+        ref_stage, ref_offload = reference_setup(args, ds)
+        ref_setup = {"stage": ref_stage, "offload": ref_offload}
         reference = reference_model_states(shape.params, shape.largest_layer_params, ref_stage,
                                            ref_setup["offload"], w, nodes, gpus_per_node)
 

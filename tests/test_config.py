@@ -18,6 +18,7 @@ from dpo_ds.config import (
     parse_args,
     parse_known,
     reference_deepspeed_config,
+    reference_setup,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_help_lists_every_field_with_default_and_doc(capsys):
     assert out.strip() == format_help().strip()
     for name, doc in field_docs().items():
         assert f"--{name} " in out and doc in out
-    assert "--ref_offload STR  (default: 'cpu')" in out
+    assert "--ref_offload STR  (default: 'auto')" in out
     assert "--max_length INT|NONE  (default: 1024)" in out
     assert "\nReference:\n" in out and "\nTraining:\n" in out
 
@@ -68,7 +69,7 @@ def test_help_lists_every_field_with_default_and_doc(capsys):
 def test_defaults_match_trl_names_and_brief():
     c = DPOConfig()
     assert (c.model_name_or_path, c.dataset_name, c.loss_type, c.beta) == ("builtin", "builtin", "sigmoid", 0.1)
-    assert (c.ref_zero_stage, c.ref_offload, c.max_length, c.learning_rate) == (3, "cpu", 1024, 1e-6)
+    assert (c.ref_zero_stage, c.ref_offload, c.max_length, c.learning_rate) == (None, "auto", 1024, 1e-6)
     assert c.report_to == [] and c.model_init_kwargs == {}
     assert c.eval_steps == c.logging_steps == 10  # None resolves to logging_steps, as in transformers
 
@@ -354,8 +355,9 @@ def test_cross_field_rejections(kwargs, pattern):
 
 
 def test_cross_field_error_from_flags_names_the_source():
-    with pytest.raises(ConfigError, match=r"needs ref_zero_stage=3.*\(ref_zero_stage set on the command line\)$"):
-        parse_args(["--ref_zero_stage", "1"])
+    with pytest.raises(ConfigError, match=r"needs ref_zero_stage=3.*\(ref_offload set on the command line; ref_zero_stage set on the "
+                       r"command line\)$"):
+        parse_args(["--ref_offload", "cpu", "--ref_zero_stage", "1"])
 
 
 def test_loss_module_checks_run_in_post_init():
@@ -390,10 +392,31 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_builtin_default_is_zero3_without_offload():
-    ds = load_deepspeed_config(DPOConfig(), world_size=1)
+    ds = load_deepspeed_config(DPOConfig(), world_size=2)
     assert ds["zero_optimization"]["stage"] == 3
     assert "offload_param" not in ds["zero_optimization"] and "offload_optimizer" not in ds["zero_optimization"]
     assert DEFAULT_DEEPSPEED_CONFIG["train_batch_size"] == "auto"  # the module constant is not mutated
+    assert reference_setup(DPOConfig(), ds) == (3, "cpu")
+
+
+def test_builtin_default_on_one_rank():
+    """fp32 on one rank: stage 0 for both engines; mixed precision keeps ZeRO-3; a JSON file is never changed."""
+    args = DPOConfig()
+    ds = load_deepspeed_config(args, world_size=1)
+    assert ds["zero_optimization"] == {"stage": 0}
+    assert reference_setup(args, ds) == (0, "none")
+    # An explicit reference setting wins over the one-rank default.
+    assert reference_setup(DPOConfig(ref_offload="cpu"), ds) == (3, "cpu")
+    assert reference_setup(DPOConfig(ref_zero_stage=3), ds) == (3, "cpu")
+    assert reference_setup(DPOConfig(ref_zero_stage=3, ref_offload="none"), ds) == (3, "none")
+    for half in ({"bf16": True}, {"fp16": True}):
+        ds = load_deepspeed_config(DPOConfig(**half), world_size=1)
+        assert ds["zero_optimization"]["stage"] == 3, half
+        assert reference_setup(DPOConfig(**half), ds) == (3, "cpu")
+    zero3 = str(REPO / "ds_configs" / "zero3.json")
+    ds = load_deepspeed_config(DPOConfig(deepspeed=zero3), world_size=1)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert reference_setup(DPOConfig(deepspeed=zero3), ds) == (3, "cpu")
 
 
 def test_auto_filling(tmp_path):
@@ -431,7 +454,7 @@ def test_auto_filling(tmp_path):
 
 
 def test_auto_sizes_without_hidden_size_use_default():
-    zero = load_deepspeed_config(DPOConfig(), world_size=1)["zero_optimization"]
+    zero = load_deepspeed_config(DPOConfig(), world_size=2)["zero_optimization"]
     assert DEFAULT_HIDDEN_SIZE == 4096
     assert zero["reduce_bucket_size"] == 16_777_216
     assert zero["stage3_prefetch_bucket_size"] == 15_099_494

@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from services.common import descendants, free_port, require, stop, wait_until
 from services.slurm import slurm_cluster
 from services.sshd import ssh_nodes
 from test_trainer import ENV, ROOT, read_metrics, train_command
 
-from dpo_ds.checkpoint import COMPLETE
+from dpo_ds.checkpoint import COMPLETE, saved_layout
 from dpo_ds.hostfile import expand_nodelist
 from dpo_ds.preemption import EXIT_PREEMPTED
 
@@ -277,7 +278,11 @@ def local_run(tmp_path: Path, nprocs: int, args: list[str]) -> str:
 
 
 def test_universal_checkpoint_two_ranks_to_one_and_back(tmp_path, tiny_model_dir):
-    """Saved by 2 ranks, resumed on 1 (GA 2: same global batch), saved, resumed on 2: loss and schedule continue."""
+    """Saved by 2 ranks, resumed on 1 (GA 2: same global batch), saved, resumed on 2: loss and schedule continue.
+
+    The built-in default is ZeRO-3 on 2 ranks and stage 0 on 1 (fp32), so this crosses stages too: ZeRO-3 shards
+    -> DeepSpeed's universal format -> a replicated engine, and a replicated checkpoint -> universal -> ZeRO-3.
+    """
     common = ["--max_steps", "3", "--lr_scheduler_type", "linear", "--save_steps", "1"]
     local_run(tmp_path, 2, train_args(tmp_path, tiny_model_dir, *common, out="ref"))  # 2 ranks, steps 1-3
     ref = [r for r in read_metrics(tmp_path / "ref" / "metrics.jsonl") if "loss" in r]
@@ -295,6 +300,9 @@ def test_universal_checkpoint_two_ranks_to_one_and_back(tmp_path, tiny_model_dir
                                             "--resume_from_checkpoint", str(moved / "checkpoint-2"), out="moved"))
     assert f"resumed from {moved / 'checkpoint-2'} at step 2" in out
     assert (moved / "checkpoint-2" / "universal" / COMPLETE).exists()
+    assert saved_layout(moved / "checkpoint-1") == (3, 2)
+    assert saved_layout(moved / "checkpoint-2") == (0, 1) and not list((moved / "checkpoint-2").glob("*optim_states.pt"))
+    assert saved_layout(moved / "checkpoint-3") == (3, 2)
     resumed = [r for r in read_metrics(moved / "metrics.jsonl") if "loss" in r]
     assert [r["global_step"] for r in resumed] == [2, 3, 3]
     for r in resumed:
@@ -302,3 +310,17 @@ def test_universal_checkpoint_two_ranks_to_one_and_back(tmp_path, tiny_model_dir
         assert r["loss"] == pytest.approx(expected["loss"], abs=1e-5), r
         assert r["learning_rate"] == pytest.approx(expected["learning_rate"], rel=1e-9), r
     assert resumed[0]["loss"] < math.log(2) - 0.01  # continued, not restarted from the initial weights
+    # `dpo-ds export` of the replicated 1-rank checkpoint holds the weights the 2-rank ZeRO-3 run had at step 2.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from dpo_ds.cli import main as dpo_ds_cli
+
+    assert dpo_ds_cli(["export", str(moved / "checkpoint-2"), str(tmp_path / "exported")]) == 0
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    zero3 = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ref"), tag="checkpoint-2")
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert exported.keys() <= {k[len("model."):] for k in zero3}
+    for name, weight in exported.items():
+        torch.testing.assert_close(weight, zero3["model." + name], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(exported[k], initial[k]) for k in exported if k in initial)

@@ -20,22 +20,24 @@ What each side runs, in its own fresh single-process subprocess (so peak
 memory and thread pools never mix):
 - trl: `trl.DPOTrainer` without DeepSpeed (accelerate, one process; `use_cpu`
   on CPU). This is how TRL runs on one device.
-- dpo_ds zero0: `dpo_ds.trainer.DPOTrainer` under a ZeRO stage-0 DeepSpeed
-  engine with a stage-0 reference engine (no offload) - the like-for-like
-  setting, the fairest comparison with TRL on one process.
-- dpo_ds default: the same under dpo_ds's defaults - the built-in ZeRO-3
-  policy config and a ZeRO-3 reference offloaded to CPU - what a user gets
-  without flags. On one process ZeRO-3 shards nothing, so this row measures
-  the partitioning machinery's overhead.
-`--dpo_ds_deepspeed` (repeatable) replaces those two rows: `zero0`,
-`default`, or a DeepSpeed JSON path (its reference: stage 0 for a policy
-below stage 3, otherwise dpo_ds's ZeRO-3 CPU-offloaded default).
+- dpo_ds default: `dpo_ds.trainer.DPOTrainer` with dpo_ds's defaults - what a
+  user gets without flags. On one fp32 CPU process that is a ZeRO stage-0
+  policy engine and a stage-0 reference engine (nothing to partition on one
+  rank; on one GPU the reference stays ZeRO-3 offloaded to CPU).
+- dpo_ds zero3: the same with `ds_configs/zero3.json` and a ZeRO-3 reference
+  offloaded to CPU - what the default runs on each of several ranks. On one
+  process ZeRO-3 shards nothing, so this row measures the partitioning
+  machinery's overhead.
+`--dpo_ds_deepspeed` (repeatable) replaces those two rows: `default`,
+`zero3`, `zero0` (an explicit stage-0 JSON, stage-0 reference), or a
+DeepSpeed JSON path (its reference: stage 0 for a policy below stage 3,
+otherwise ZeRO-3 offloaded to CPU).
 - dpo_ds SETTING + FEATURE: a setting with one of dpo_ds's step-saving
   features (`FEATURES`): `padding_free` (the batch's sequences packed into
   rows, no padding), `prefix_sharing` (each prompt run once for both
   completions), `precompute_ref` (reference log-probs computed once before
   training; no reference forward in the step) and the last two together.
-  By default each on the default setting, and the combination on zero0 too;
+  By default each on the default setting, and the combination on zero3 too;
   `--dpo_ds_features [SETTING:]FEATURE` (repeatable; `none` for no feature
   rows) picks others. The precomputation pass runs in a fresh cache
   directory, so its cost shows in the setup column (trainer construction,
@@ -92,7 +94,7 @@ FEATURES = {
     "precompute_ref": {"precompute_ref_log_probs": True},
     "prefix_sharing+precompute_ref": {"prefix_sharing": True, "precompute_ref_log_probs": True},
 }
-DEFAULT_FEATURE_ROWS = [f"default:{name}" for name in FEATURES] + ["zero0:prefix_sharing+precompute_ref"]
+DEFAULT_FEATURE_ROWS = [f"default:{name}" for name in FEATURES] + ["zero3:prefix_sharing+precompute_ref"]
 
 
 # ----------------------------------------------------------------------------- workers (one per subprocess)
@@ -228,8 +230,10 @@ def run_dpo_ds(opts: argparse.Namespace, model_path: str, rows: list[dict], out_
         "tokens": history[-1]["num_tokens"],
         "threads": torch.get_num_threads(),
         "zero_stage": trainer.engines.ds_config["zero_optimization"].get("stage", 0),
-        "ref_zero_stage": ref_stage,
-        "ref_offload": ref_offload,
+        "ref_zero_stage": None if trainer.engines.ref_ds_config is None
+        else trainer.engines.ref_ds_config["zero_optimization"]["stage"],
+        "ref_offload": None if trainer.engines.ref_ds_config is None
+        else trainer.engines.ref_ds_config["zero_optimization"].get("offload_param", {}).get("device", "none"),
         "setup_seconds": setup_seconds,
     }
     distributed.shutdown()
@@ -237,15 +241,18 @@ def run_dpo_ds(opts: argparse.Namespace, model_path: str, rows: list[dict], out_
 
 
 def dpo_ds_setting(ds: str, work_dir: str) -> tuple[Optional[str], int, str]:
-    """(DeepSpeed JSON path or None for dpo_ds's default, reference ZeRO stage, reference offload)."""
+    """(DeepSpeed JSON path or None for dpo_ds's default, reference ZeRO stage, reference offload); None and
+    "auto" leave the reference to dpo_ds's defaults."""
     if ds == "default":
-        return None, 3, "cpu"
+        return None, None, "auto"
+    if ds == "zero3":
+        return str(REPO / "ds_configs" / "zero3.json"), 3, "cpu"
     if ds == "zero0":
         path = os.path.join(work_dir, "zero0.json")
         Path(path).write_text(json.dumps(ZERO0_CONFIG))
         return path, 0, "none"
     if not os.path.isfile(ds):
-        raise SystemExit(f"--dpo_ds_deepspeed {ds!r}: expected zero0, default or an existing JSON file")
+        raise SystemExit(f"--dpo_ds_deepspeed {ds!r}: expected default, zero3, zero0 or an existing JSON file")
     stage = json.loads(Path(ds).read_text()).get("zero_optimization", {}).get("stage", 0)
     return (ds, 3, "cpu") if stage == 3 else (ds, 0, "none")
 
@@ -377,10 +384,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, help="torch/OpenMP threads per trainer (default: torch's choice)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CPU, and CUDA too when a GPU is visible")
-    p.add_argument("--dpo_ds_deepspeed", action="append", metavar="zero0|default|PATH",
-                   help="dpo_ds DeepSpeed setting(s) to measure (repeatable; default: zero0 and default)")
+    p.add_argument("--dpo_ds_deepspeed", action="append", metavar="default|zero3|zero0|PATH",
+                   help="dpo_ds DeepSpeed setting(s) to measure (repeatable; default: default and zero3)")
     p.add_argument("--dpo_ds_features", action="append", metavar="none|[SETTING:]FEATURE",
-                   help=f"a dpo_ds feature ({', '.join(FEATURES)}) to measure on a setting (zero0, default "
+                   help=f"a dpo_ds feature ({', '.join(FEATURES)}) to measure on a setting (default, zero3, zero0 "
                         "or a JSON path; default: default) (repeatable; default: "
                         f"{' '.join(DEFAULT_FEATURE_ROWS)})")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -396,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if opts.steps <= opts.warmup:
         p.error(f"--steps {opts.steps} must exceed --warmup {opts.warmup}: no step would be timed")
 
-    settings = opts.dpo_ds_deepspeed or ["zero0", "default"]
+    settings = opts.dpo_ds_deepspeed or ["default", "zero3"]
     features = [f if ":" in f else f"default:{f}" for f in (opts.dpo_ds_features or DEFAULT_FEATURE_ROWS)
                 if f != "none"]
     unknown = [f for f in features if f.rpartition(":")[2] not in FEATURES]

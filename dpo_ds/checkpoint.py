@@ -184,10 +184,11 @@ def _replicated_to_universal(path: Path, out: Path) -> None:
         if step is not None:
             torch.save(step, folder / "step.pt")
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
-    # ZeRO-3 reads the step and hyperparameters from the nested dict, ZeRO-1/2 the top-level groups.
+    # ZeRO-3 reads the step and hyperparameters from the nested dict, ZeRO-1/2 the top-level groups and
+    # the version of DeepSpeed that wrote the checkpoint.
     torch.save({"optimizer_state_dict": {"state": {0: {"step": step if step is not None else 0}},
                                          "param_groups": groups},
-                "param_groups": groups}, out / "zero" / "optimizer_state.pt")
+                "param_groups": groups, "ds_version": states["ds_version"]}, out / "zero" / "optimizer_state.pt")
     for name in (_MODEL_STATES, "zero_pp_rank_0_" + _MODEL_STATES):
         shutil.copyfile(path / _MODEL_STATES, out / name)
 

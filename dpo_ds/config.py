@@ -148,7 +148,7 @@ class DPOConfig:
     precompute_ref_batch_size: Optional[int] = None
     """Batch size of that precomputation; None = the train/eval batch size."""
     ref_zero_stage: Optional[int] = None
-    """ZeRO stage of the reference engine (0 = replicated, 3 = sharded); none = 3, or 0 beside a one-rank stage-0 default."""
+    """ZeRO stage of the reference engine (0 = replicated, 3 = sharded); none = 3, or 0 beside a one-rank CPU default."""
     ref_offload: str = "auto"
     """Where a ZeRO-3 reference keeps its parameters between uses: none, cpu, nvme, or auto (cpu under ZeRO-3)."""
     ref_nvme_path: Optional[str] = None
@@ -833,29 +833,29 @@ def load_deepspeed_config(
     return config
 
 
-def reference_setup(args: DPOConfig, policy_ds: dict[str, Any]) -> tuple[int, str]:
+def reference_setup(args: DPOConfig, policy_ds: dict[str, Any], on_cpu: bool = False) -> tuple[int, str]:
     """(ZeRO stage, offload device) of the reference engine: ref_zero_stage and ref_offload where set.
 
     Unset, the reference is ZeRO-3 offloaded to CPU (sharded across ranks, off the accelerator between
-    uses), except beside the built-in one-rank stage-0 policy: there it is replicated too, since one rank
-    has nothing to shard and a CPU run nowhere to offload to.
+    uses), except beside the built-in one-rank stage-0 policy of a CPU run (`on_cpu`): there it is
+    replicated too, since one rank has nothing to shard and a CPU run nowhere to offload to.
     """
     one_rank_default = not args.deepspeed and int(policy_ds.get("zero_optimization", {}).get("stage", 0)) == 0
     stage = args.ref_zero_stage
     if stage is None:
-        stage = 3 if args.ref_offload not in ("auto", "none") or not one_rank_default else 0
+        stage = 0 if one_rank_default and on_cpu and args.ref_offload in ("auto", "none") else 3
     offload = args.ref_offload if args.ref_offload != "auto" else ("cpu" if stage == 3 else "none")
     return stage, offload
 
 
-def reference_deepspeed_config(args: DPOConfig, policy_ds: dict[str, Any]) -> dict[str, Any]:
+def reference_deepspeed_config(args: DPOConfig, policy_ds: dict[str, Any], on_cpu: bool = False) -> dict[str, Any]:
     """The inference-only reference engine's config, derived from the policy's filled config:
     the ZeRO stage and offload of `reference_setup`, the same precision and batch sizes, and no
     optimizer or scheduler."""
     ref = {key: copy.deepcopy(policy_ds[key]) for key in (
         "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
         "bf16", "bfloat16", "fp16", "steps_per_print", "wall_clock_breakdown") if key in policy_ds}
-    stage, offload = reference_setup(args, policy_ds)
+    stage, offload = reference_setup(args, policy_ds, on_cpu)
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
         policy_zero = policy_ds.get("zero_optimization", {})

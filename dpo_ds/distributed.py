@@ -163,6 +163,13 @@ def init() -> str:
     return launcher
 
 
+def on_cpu() -> bool:
+    """Whether DeepSpeed runs on the CPU (no accelerator, or DS_ACCELERATOR=cpu)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
+
+
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_initialized() else 0

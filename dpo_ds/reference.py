@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .distributed import barrier as _barrier, rank as _rank, world_size as _world
+from .distributed import barrier as _barrier, on_cpu, rank as _rank, world_size as _world
 from .engines import build_reference_engine, load_for_engine, mix_weights, release_gathered, weights_digest
 from .losses import PairLogps, needs_reference
 from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER, cache_dir, is_peft_model
@@ -392,7 +392,7 @@ def run_precompute(args) -> dict[str, Path]:
     hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(source) or source,
                                                 trust_remote_code=args.trust_remote_code), "hidden_size", None)
     ref_config = reference_deepspeed_config(args, load_deepspeed_config(args, _world(), hidden_size=hidden,
-                                                                        num_training_steps=1))
+                                                                        num_training_steps=1), on_cpu=on_cpu())
 
     def load():
         model = load_model(source, args) if args.ref_model_name_or_path else load_policy_model(source, args)

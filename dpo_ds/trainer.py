@@ -24,7 +24,7 @@ from . import checkpoint, preemption
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
-from .distributed import rank as _rank, world_size as _world
+from .distributed import on_cpu, rank as _rank, world_size as _world
 from .engines import Engines, build_policy_engine, export_peft, load_for_engine
 from .losses import compute_loss
 from .metrics import MeanAccumulator, MetricsSink, pair_metrics, token_metrics
@@ -128,7 +128,7 @@ class DPOTrainer:
         ref_source = ref_model if ref_model is not None else (
             resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else load)
         splits = {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
-        ref_ds = reference_deepspeed_config(a, ds_config)
+        ref_ds = reference_deepspeed_config(a, ds_config, on_cpu=on_cpu())
         self.reference, reference = build_reference(
             a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
             splits, lambda rows: inputs_for(self.collator(rows), a, policy.device),

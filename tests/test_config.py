@@ -396,27 +396,30 @@ def test_builtin_default_is_zero3_without_offload():
     assert ds["zero_optimization"]["stage"] == 3
     assert "offload_param" not in ds["zero_optimization"] and "offload_optimizer" not in ds["zero_optimization"]
     assert DEFAULT_DEEPSPEED_CONFIG["train_batch_size"] == "auto"  # the module constant is not mutated
-    assert reference_setup(DPOConfig(), ds) == (3, "cpu")
+    assert reference_setup(DPOConfig(), ds, on_cpu=True) == (3, "cpu")  # several ranks: sharded and offloaded
 
 
 def test_builtin_default_on_one_rank():
-    """fp32 on one rank: stage 0 for both engines; mixed precision keeps ZeRO-3; a JSON file is never changed."""
+    """fp32 on one rank: a stage-0 policy, and on a CPU a stage-0 reference (on a GPU it stays offloaded);
+    mixed precision keeps ZeRO-3; a JSON file is never changed."""
     args = DPOConfig()
     ds = load_deepspeed_config(args, world_size=1)
     assert ds["zero_optimization"] == {"stage": 0}
-    assert reference_setup(args, ds) == (0, "none")
+    assert reference_setup(args, ds, on_cpu=True) == (0, "none")
+    assert reference_setup(args, ds, on_cpu=False) == (3, "cpu")
+    assert reference_deepspeed_config(args, ds, on_cpu=True)["zero_optimization"] == {"stage": 0}
     # An explicit reference setting wins over the one-rank default.
-    assert reference_setup(DPOConfig(ref_offload="cpu"), ds) == (3, "cpu")
-    assert reference_setup(DPOConfig(ref_zero_stage=3), ds) == (3, "cpu")
-    assert reference_setup(DPOConfig(ref_zero_stage=3, ref_offload="none"), ds) == (3, "none")
+    assert reference_setup(DPOConfig(ref_offload="cpu"), ds, on_cpu=True) == (3, "cpu")
+    assert reference_setup(DPOConfig(ref_zero_stage=3), ds, on_cpu=True) == (3, "cpu")
+    assert reference_setup(DPOConfig(ref_zero_stage=3, ref_offload="none"), ds, on_cpu=True) == (3, "none")
     for half in ({"bf16": True}, {"fp16": True}):
         ds = load_deepspeed_config(DPOConfig(**half), world_size=1)
         assert ds["zero_optimization"]["stage"] == 3, half
-        assert reference_setup(DPOConfig(**half), ds) == (3, "cpu")
+        assert reference_setup(DPOConfig(**half), ds, on_cpu=True) == (3, "cpu")
     zero3 = str(REPO / "ds_configs" / "zero3.json")
     ds = load_deepspeed_config(DPOConfig(deepspeed=zero3), world_size=1)
     assert ds["zero_optimization"]["stage"] == 3
-    assert reference_setup(DPOConfig(deepspeed=zero3), ds) == (3, "cpu")
+    assert reference_setup(DPOConfig(deepspeed=zero3), ds, on_cpu=True) == (3, "cpu")
 
 
 def test_auto_filling(tmp_path):

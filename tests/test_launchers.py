@@ -324,3 +324,28 @@ def test_universal_checkpoint_two_ranks_to_one_and_back(tmp_path, tiny_model_dir
     for name, weight in exported.items():
         torch.testing.assert_close(weight, zero3["model." + name], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(exported[k], initial[k]) for k in exported if k in initial)
+
+
+def test_one_rank_default_checkpoint_resumes_under_zero2_on_two_ranks(tmp_path, tiny_model_dir):
+    """A replicated checkpoint of the one-rank default (stage 0) continues under an explicit ZeRO-2 config on
+    2 ranks, through dpo_ds's stage-0 -> universal converter: weights and Adam states carry over."""
+    common = ["--max_steps", "3", "--lr_scheduler_type", "linear", "--save_steps", "1"]
+    local_run(tmp_path, 1, train_args(tmp_path, tiny_model_dir, *common, "--gradient_accumulation_steps", "2",
+                                      out="one"))
+    ref = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert saved_layout(tmp_path / "one" / "checkpoint-1") == (0, 1)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copytree(tmp_path / "one" / "checkpoint-1", moved / "checkpoint-1")
+    out = local_run(tmp_path, 2, train_args(tmp_path, tiny_model_dir, *common, "--deepspeed",
+                                            str(ROOT / "ds_configs" / "zero2.json"), "--resume_from_checkpoint",
+                                            str(moved / "checkpoint-1"), out="moved"))
+    assert f"resumed from {moved / 'checkpoint-1'} at step 1" in out
+    assert saved_layout(moved / "checkpoint-3") == (2, 2)
+    resumed = [r for r in read_metrics(moved / "metrics.jsonl") if "loss" in r]
+    assert [r["global_step"] for r in resumed] == [2, 3]
+    for r in resumed:  # step 3's loss depends on the Adam moments carried over from step 1
+        expected = ref[r["global_step"] - 1]
+        assert r["loss"] == pytest.approx(expected["loss"], abs=1e-5), r
+        assert r["learning_rate"] == pytest.approx(expected["learning_rate"], rel=1e-9), r
+    assert resumed[0]["loss"] < math.log(2) - 0.01

@@ -10,9 +10,9 @@ becomes the one a resume picks.
 A checkpoint resumes on any number of ranks and any ZeRO stage: when its
 layout differs from the engine's, it goes through DeepSpeed's universal format
 (`<checkpoint>/universal`: one file per parameter and optimizer state). A
-stage-0 (replicated) checkpoint is converted by `_replicated_to_universal`,
-any ZeRO checkpoint by DeepSpeed's `ds_to_universal`; ZeRO engines load the
-universal format themselves, a stage-0 engine through `_load_universal_replicated`.
+stage-0 fp32 (replicated) checkpoint is converted by `_replicated_to_universal`,
+any other by DeepSpeed's `ds_to_universal`; DeepSpeed's engines load the
+universal format themselves, except a replicated one: `_load_universal_replicated`.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, save_tot
     root = Path(output_dir)
     tag = f"checkpoint-{step}"
     stage = engine.zero_optimization_stage()
-    if stage == 0:
+    if is_replicated(engine):
         # A replicated optimizer's state is keyed by position: keep the names to convert it later.
         client_state = {**client_state, OPTIMIZER_PARAM_NAMES: optimizer_param_names(engine)}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
@@ -93,16 +93,21 @@ def load(engine, path: Path) -> dict[str, Any]:
     `<checkpoint>/universal`) and loaded from there: ZeRO optimizer shards only
     load on the world size and stage that wrote them.
     """
-    stage, world = engine.zero_optimization_stage(), world_size()
     saved_stage, saved_world = saved_layout(path)
     if saved_stage is None:  # written before the marker recorded the layout
-        same_layout = saved_world in (None, world)
-    else:  # a replicated (stage-0) checkpoint loads on any number of stage-0 ranks
-        same_layout = saved_stage == stage and (stage == 0 or saved_world == world)
+        same_layout = saved_world in (None, world_size())
+    elif is_replicated_checkpoint(path):  # loads on any number of stage-0 ranks
+        same_layout = engine.zero_optimization_stage() == 0
+    else:
+        same_layout = (saved_stage, saved_world) == (engine.zero_optimization_stage(), world_size())
     if same_layout:
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    elif stage == 0:
+    elif is_replicated(engine):
         client_state = _load_universal_replicated(engine, to_universal(path))
+    elif not hasattr(engine.optimizer, "load_hp_checkpoint_state_from_checkpoint_dir"):
+        # DeepSpeed's FP16_Optimizer (fp16, and bf16 on CPU, at stage 0) has no universal loader.
+        raise RuntimeError(f"{path} was written under ZeRO-{saved_stage} on {saved_world} ranks: this engine's "
+                           f"{type(engine.optimizer).__name__} cannot load it; resume with a ZeRO config or in fp32")
     else:
         universal = to_universal(path)
         # DeepSpeed reads this flag only while loading; set it for this load alone.
@@ -131,6 +136,18 @@ OPTIMIZER_PARAM_NAMES = "dpo_ds_optimizer_param_names"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
+def is_replicated(engine) -> bool:
+    """A stage-0 fp32 engine: its optimizer works on the module's own parameters (DeepSpeed's bf16/fp16
+    stage-0 optimizers keep flat fp32 copies instead, and save them in per-rank shard files)."""
+    return engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
+
+
+def is_replicated_checkpoint(path: Path) -> bool:
+    """Written at stage 0 with whole weights and the optimizer's state in one model-states file (DeepSpeed's
+    bf16 optimizer writes per-rank shard files even at stage 0)."""
+    return saved_layout(path)[0] == 0 and not any(Path(path).glob("*optim_states.pt"))
+
+
 def optimizer_param_names(engine) -> list[str]:
     """The names of a stage-0 engine's optimizer parameters, in the optimizer's order."""
     names = {id(p): n for n, p in engine.module.named_parameters()}
@@ -142,7 +159,7 @@ def to_universal(path: Path, workers: int = 2) -> Path:
     out = Path(path) / "universal"
     if _rank() == 0 and not (out / COMPLETE).exists():
         shutil.rmtree(out, ignore_errors=True)
-        if saved_layout(path)[0] == 0:
+        if is_replicated_checkpoint(path):
             _replicated_to_universal(Path(path), out)
         else:
             _zero_to_universal(Path(path), out, workers)
@@ -168,9 +185,9 @@ def _replicated_to_universal(path: Path, out: Path) -> None:
     states = torch.load(path / _MODEL_STATES, map_location="cpu", weights_only=False)
     names, optimizer = states.get(OPTIMIZER_PARAM_NAMES), states.get("optimizer")
     if names is None or not isinstance(optimizer, dict) or "state" not in optimizer:
-        raise RuntimeError(f"{path} is a stage-0 checkpoint without a plain optimizer state and its parameter "
-                           "names (fp16 loss scaling, or written before dpo_ds recorded them): it resumes only "
-                           "on a stage-0 engine")
+        raise RuntimeError(f"{path} is a stage-0 checkpoint of a bf16/fp16 run (or from before dpo_ds recorded "
+                           "its optimizer's parameter names): its optimizer state has no converter to ZeRO's "
+                           "layout, so it resumes only on stage 0")
     step = None
     for index, name in enumerate(names):
         weight = states["module"][name].float()
@@ -198,9 +215,6 @@ def _load_universal_replicated(engine, universal: Path) -> dict[str, Any]:
     whole weights and Adam states per parameter name, then the scheduler, counters and client state
     from the model-states file. Frozen parameters keep the values the model was loaded with."""
     optimizer = engine.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer) or engine.fp16_enabled() or engine.bfloat16_enabled():
-        raise RuntimeError(f"{universal.parent} was written under ZeRO: a stage-0 engine resumes it only in "
-                           "fp32 with a plain torch optimizer; use a ZeRO config (e.g. ds_configs/zero3.json)")
     zero = universal / "zero"
     global_state = torch.load(zero / "optimizer_state.pt", map_location="cpu", weights_only=False)
     nested = global_state.get("optimizer_state_dict", {})
@@ -323,7 +337,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     args = DPOConfig.load(str(run_config))
     model_path = resolve_model_path(args.model_name_or_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
-    if saved_layout(path)[0] == 0:  # replicated: the whole weights are in the model-states file
+    if is_replicated_checkpoint(path):  # the whole weights are in the model-states file
         full = torch.load(path / _MODEL_STATES, map_location="cpu", weights_only=False)["module"]
         full = {k: v.float() for k, v in full.items()}
     else:

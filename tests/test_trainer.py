@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,31 @@ def test_one_rank_stage0_without_the_all_reduce_trains_like_zero2(tmp_path, tiny
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert runs["zero0"][-1]["loss"] < runs["zero0"][0]["loss"] - 0.05
+
+
+@pytest.mark.slow
+def test_bf16_stage0_checkpoint_resumes_on_stage0_and_refuses_zero3(tmp_path, tiny_model_dir):
+    """bf16 at stage 0 uses DeepSpeed's own wrapper optimizer (flat fp32 copies): it saves and resumes at stage 0
+    like before the stage-0 -> ZeRO converter existed, and a ZeRO-3 resume is refused with the reason."""
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                 "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
+                                 "zero_optimization": {"stage": 0}}))
+    common = ("--bf16", "true", "--max_steps", "2", "--save_steps", "1", "--lr_scheduler_type", "linear")
+    run_train(tmp_path, tiny_model_dir, "--deepspeed", str(zero0), *common, nprocs=1, out="full")
+    full = latest_per_step(tmp_path / "full" / "metrics.jsonl")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", resumed / "checkpoint-1")
+    run_train(tmp_path, tiny_model_dir, "--deepspeed", str(zero0), *common, "--resume_from_checkpoint",
+              str(resumed / "checkpoint-1"), nprocs=1, out="resumed")
+    assert latest_per_step(resumed / "metrics.jsonl") == pytest.approx({2: full[2]}, abs=1e-6)
+    proc = subprocess.run(train_command(tmp_path, tiny_model_dir, "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"),
+                                        *common, "--resume_from_checkpoint", str(resumed / "checkpoint-1"),
+                                        nprocs=1, out="zero3"),
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "stage-0 checkpoint of a bf16/fp16 run" in proc.stdout + proc.stderr
 
 
 def latest_per_step(path: Path) -> dict[int, float]:

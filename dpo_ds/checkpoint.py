@@ -3,7 +3,9 @@
 Layout: `output_dir/checkpoint-<step>/` is what DeepSpeed's `save_checkpoint`
 writes (tag = the directory name), plus `COMPLETE`, written by rank 0 only
 after every rank has finished writing; it records the ZeRO stage and the number
-of ranks that wrote the checkpoint. `output_dir/latest` names the newest
+of ranks that wrote the checkpoint. A stage-0 fp32 checkpoint also holds
+`optimizer_param_names.json`, the names behind its optimizer's positional
+state. `output_dir/latest` names the newest
 complete checkpoint and is replaced atomically, so an interrupted save never
 becomes the one a resume picks.
 
@@ -52,15 +54,14 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, save_tot
     """Collective: every rank writes its shards; rank 0 then marks the checkpoint complete."""
     root = Path(output_dir)
     tag = f"checkpoint-{step}"
-    stage = engine.zero_optimization_stage()
-    if is_replicated(engine):
-        # A replicated optimizer's state is keyed by position: keep the names to convert it later.
-        client_state = {**client_state, OPTIMIZER_PARAM_NAMES: optimizer_param_names(engine)}
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _barrier()
     if _rank() == 0:
-        _atomic_write(root / tag / COMPLETE, json.dumps({"step": step, "zero_stage": stage,
-                                                         "world_size": world_size()}))
+        if is_replicated(engine):
+            # A replicated optimizer's state is keyed by position: keep the names to convert it later.
+            _atomic_write(root / tag / OPTIMIZER_PARAM_NAMES, json.dumps(optimizer_param_names(engine)))
+        layout = {"zero_stage": engine.zero_optimization_stage(), "world_size": world_size()}
+        _atomic_write(root / tag / COMPLETE, json.dumps({"step": step, **layout}))
         _atomic_write(root / "latest", tag)
         if save_total_limit:
             for old in complete_checkpoints(root)[:-save_total_limit]:
@@ -102,6 +103,11 @@ def load(engine, path: Path) -> dict[str, Any]:
         same_layout = (saved_stage, saved_world) == (engine.zero_optimization_stage(), world_size())
     if same_layout:
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    elif is_replicated_checkpoint(path) and not (path / OPTIMIZER_PARAM_NAMES).exists():
+        # Every rank refuses, before rank 0 would start a conversion the others wait for.
+        raise RuntimeError(f"{path} is a stage-0 checkpoint of a bf16/fp16 run (or from before dpo_ds recorded "
+                           "its optimizer's parameter names): its optimizer state has no converter to ZeRO's "
+                           "layout, so it resumes only on stage 0")
     elif is_replicated(engine):
         client_state = _load_universal_replicated(engine, to_universal(path))
     elif not hasattr(engine.optimizer, "load_hp_checkpoint_state_from_checkpoint_dir"):
@@ -118,7 +124,6 @@ def load(engine, path: Path) -> dict[str, Any]:
             engine._config.load_universal_checkpoint = False
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    client_state.pop(OPTIMIZER_PARAM_NAMES, None)
     return client_state
 
 
@@ -132,13 +137,13 @@ def saved_layout(path: Path) -> tuple[Optional[int], Optional[int]]:
     return None, shards or None
 
 
-OPTIMIZER_PARAM_NAMES = "dpo_ds_optimizer_param_names"
+OPTIMIZER_PARAM_NAMES = "optimizer_param_names.json"
 _MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def is_replicated(engine) -> bool:
     """A stage-0 fp32 engine: its optimizer works on the module's own parameters (DeepSpeed's bf16/fp16
-    stage-0 optimizers keep flat fp32 copies instead, and save them in per-rank shard files)."""
+    stage-0 optimizers keep flat fp32 copies instead)."""
     return engine.zero_optimization_stage() == 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled())
 
 
@@ -183,11 +188,7 @@ def _replicated_to_universal(path: Path, out: Path) -> None:
     `ds_to_universal` writes: `zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, the global optimizer
     state in `zero/optimizer_state.pt`, and the model-states file under both ZeRO names."""
     states = torch.load(path / _MODEL_STATES, map_location="cpu", weights_only=False)
-    names, optimizer = states.get(OPTIMIZER_PARAM_NAMES), states.get("optimizer")
-    if names is None or not isinstance(optimizer, dict) or "state" not in optimizer:
-        raise RuntimeError(f"{path} is a stage-0 checkpoint of a bf16/fp16 run (or from before dpo_ds recorded "
-                           "its optimizer's parameter names): its optimizer state has no converter to ZeRO's "
-                           "layout, so it resumes only on stage 0")
+    names, optimizer = json.loads((path / OPTIMIZER_PARAM_NAMES).read_text()), states["optimizer"]
     step = None
     for index, name in enumerate(names):
         weight = states["module"][name].float()

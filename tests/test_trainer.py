@@ -142,6 +142,7 @@ def test_bf16_stage0_checkpoint_resumes_on_stage0_and_refuses_zero3(tmp_path, ti
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert "stage-0 checkpoint of a bf16/fp16 run" in proc.stdout + proc.stderr
+    assert not (resumed / "checkpoint-1" / "universal").exists()  # refused before any conversion began
 
 
 def latest_per_step(path: Path) -> dict[int, float]:

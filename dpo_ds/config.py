@@ -103,8 +103,8 @@ class DPOConfig:
     """Side on which batches are padded: right or left."""
     pad_to_multiple_of: Optional[int] = None
     """Pad each batch's length up to a multiple of this (helps tensor-core kernels); None = no rounding."""
-    padding_free: bool = False
-    """Pack each batch's sequences into rows of up to max_length tokens (per-sequence positions, no cross-attention)."""
+    padding_free: Optional[bool] = None
+    """Alias of packing (the name TRL used before packing); None = packing's value."""
     prefix_sharing: bool = False
     """Run each pair's prompt once; both completions attend to it, not to each other (packs too; sdpa/eager only)."""
     on_bad_row: str = "error"
@@ -236,6 +236,14 @@ class DPOConfig:
     disable_tqdm: bool = False
     """Hide the progress bar."""
 
+    # --- what the model learns from ---
+    packing: Optional[bool] = None
+    """Pack each batch's sequences into rows of up to max_length tokens (per-sequence positions, no cross-attention)."""
+    completion_only_loss: bool = True
+    """Score only the completion tokens (TRL's default); false scores the prompt tokens too."""
+    assistant_only_loss: bool = False
+    """Score only assistant-message tokens, from the chat template's {% generation %} mask (conversational rows)."""
+
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in dataclasses.fields(self):
@@ -243,6 +251,7 @@ class DPOConfig:
         if self.report_to == ["none"]:
             self.report_to = []
         self._check_values()
+        self._resolve_packing()
         self._check_combinations()
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps
@@ -329,6 +338,13 @@ class DPOConfig:
         resume = self.resume_from_checkpoint
         if resume not in (None, "auto") and not os.path.isdir(resume):
             _fail("resume_from_checkpoint", resume, '"auto" or an existing checkpoint directory')
+
+    def _resolve_packing(self) -> None:
+        """packing and its alias padding_free end up equal; set both only to the same value."""
+        if self.packing is not None and self.padding_free is not None and self.packing != self.padding_free:
+            raise ConfigError(f"packing={self.packing} contradicts padding_free={self.padding_free} (its alias): "
+                              "set one of them", "packing", "padding_free")
+        self.packing = self.padding_free = bool(self.packing if self.packing is not None else self.padding_free)
 
     def _check_combinations(self) -> None:
         if self.bf16 and self.fp16:

@@ -35,7 +35,7 @@ def layout_name(args) -> str:
     """The layout a DPOConfig asks for."""
     if getattr(args, "prefix_sharing", False):
         return "prefix_sharing"
-    return "padding_free" if getattr(args, "padding_free", False) else "padded"
+    return "padding_free" if getattr(args, "packing", False) else "padded"
 
 
 def model_inputs(batch: dict, layout: str = "padded", max_length: Optional[int] = None,

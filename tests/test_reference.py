@@ -242,7 +242,7 @@ def probe(model_dir: str, data: str, out: str) -> None:
     # recomputed. That run trains on prefix-shared batches: its losses must still be the padded online run's.
     cache = f"{out}/cache"
     directories = run_precompute(config("cli", precompute_ref_log_probs=True, precompute_ref_batch_size=3,
-                                        ref_cache_dir=cache, padding_free=True))
+                                        ref_cache_dir=cache, packing=True))
     parts = sorted(Path(cache).glob("*/part-*.pt"))
     stamps = [p.stat().st_mtime_ns for p in parts]
     before = models()

@@ -116,6 +116,9 @@ def _report_text(report: DataReport) -> str:
     lines.append(f"  {'tokens':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
     for part, stats in report.percentiles().items():
         lines.append(f"  {part:<10}" + "".join(f"{stats[k]:>8}" for k in ("p50", "p90", "p99", "max")))
+    lines.append(f"  {'scored':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}   (tokens per row that the loss counts)")
+    for part, stats in report.scored_percentiles().items():
+        lines.append(f"  {part:<10}" + "".join(f"{stats[k]:>8}" for k in ("p50", "p90", "p99", "max")))
     lines += [f"  skipped {problem}" for problem in report.problems]
     return "\n".join(lines)
 

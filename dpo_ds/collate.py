@@ -13,11 +13,16 @@ import torch
 class PreferenceCollator:
     """Pad ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids`` into one batch.
 
-    Returns long tensors ``input_ids``, ``attention_mask`` and
-    ``completion_mask`` of shape ``[2B, T]`` (row ``i`` is pair ``i``'s chosen
-    sequence, row ``B + i`` its rejected one; ``completion_mask`` is 1 on
-    completion tokens only), plus ``row_index [B]`` when the rows carry it (the
-    key of the precomputed-reference cache). ``T`` is the longest sequence,
+    Returns long tensors ``input_ids``, ``attention_mask``,
+    ``completion_mask`` and ``prompt_mask`` of shape ``[2B, T]`` (row ``i`` is
+    pair ``i``'s chosen sequence, row ``B + i`` its rejected one), plus
+    ``row_index [B]`` when the rows carry it (the key of the
+    precomputed-reference cache). ``completion_mask`` is 1 on the tokens the
+    loss scores: the rows' ``prompt_loss_mask + chosen_loss_mask`` /
+    ``prompt_loss_mask + rejected_loss_mask`` when they carry them (see
+    ``dpo_ds.data``: completion_only_loss, assistant_only_loss), else the
+    completion tokens. ``prompt_mask`` is 1 on the prompt tokens, whatever is
+    scored (prefix sharing runs them once per pair). ``T`` is the longest sequence,
     rounded up to ``pad_to_multiple_of``; ``padding_side="left"`` puts the
     padding before the tokens (as generation-style batches expect).
     """
@@ -35,24 +40,40 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty list of rows")
-        sequences, completion_lengths = [], []
-        for part in ("chosen_ids", "rejected_ids"):
+        sequences, scored, prompt_lengths = [], [], []
+        for part in ("chosen", "rejected"):
             for row in rows:
-                sequences.append(list(row["prompt_ids"]) + list(row[part]))
-                completion_lengths.append(len(row[part]))
+                sequences.append(list(row["prompt_ids"]) + list(row[f"{part}_ids"]))
+                scored.append(_loss_mask(row, part))
+                prompt_lengths.append(len(row["prompt_ids"]))
         width = max(len(seq) for seq in sequences)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
         completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, (seq, n_completion) in enumerate(zip(sequences, completion_lengths)):
+        prompt_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, (seq, mask, n_prompt) in enumerate(zip(sequences, scored, prompt_lengths)):
             start = width - len(seq) if self.padding_side == "left" else 0
             end = start + len(seq)
             input_ids[i, start:end] = torch.tensor(seq, dtype=torch.long)
             attention_mask[i, start:end] = 1
-            completion_mask[i, end - n_completion:end] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+            completion_mask[i, start:end] = torch.tensor(mask, dtype=torch.long)
+            prompt_mask[i, start:start + n_prompt] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+                 "prompt_mask": prompt_mask}
         if "row_index" in rows[0]:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)
         return batch
+
+
+def _loss_mask(row: dict, part: str) -> list[int]:
+    """The scored tokens of prompt + completion: the row's loss masks, or the completion alone.
+
+    A sequence's first token is never scored: nothing before it predicts it
+    (under left padding a pad token would).
+    """
+    if "prompt_loss_mask" not in row:
+        return [0] * len(row["prompt_ids"]) + [1] * len(row[f"{part}_ids"])
+    mask = list(row["prompt_loss_mask"]) + list(row[f"{part}_loss_mask"])
+    return [0] + mask[1:]

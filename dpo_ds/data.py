@@ -53,6 +53,7 @@ import codecs
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +78,11 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 LENGTH_REASONS = ("prompt_exceeds_max_length", "completion_exceeds_max_length")
 MAX_LISTED_ROWS = 10
+# A ChatML template with {% generation %} tags that ships with dpo_ds (for assistant_only_loss).
+GENERATION_TEMPLATE = Path(__file__).resolve().parent / "templates" / "chatml_generation.jinja"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Roles whose tokens a completion never scores: text the model did not write.
+UNSCORED_ROLES = ("user", "tool")
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
 _TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
 JSON_COLUMN = "_json"  # the one column of a local JSON file: each row as JSON text
@@ -89,6 +95,9 @@ _FEATURES = Features(
         "prompt_ids": List(Value("int32")),
         "chosen_ids": List(Value("int32")),
         "rejected_ids": List(Value("int32")),
+        "prompt_loss_mask": List(Value("int8")),
+        "chosen_loss_mask": List(Value("int8")),
+        "rejected_loss_mask": List(Value("int8")),
         "_format": Value("string"),
         "_drop": Value("string"),
         "_drop_column": Value("string"),
@@ -120,16 +129,25 @@ class DataReport:
     chosen_lengths: list[int] = field(repr=False)
     rejected_lengths: list[int] = field(repr=False)
     problems: list[str] = field(default_factory=list)
+    # Per kept row, the tokens whose log-prob counts (loss masks, next-token labels) in prompt + chosen/rejected.
+    chosen_scored_lengths: list[int] = field(default_factory=list, repr=False)
+    rejected_scored_lengths: list[int] = field(default_factory=list, repr=False)
 
     def percentiles(self) -> dict[str, dict[str, int]]:
         """p50/p90/p99/max token lengths of kept rows (nearest-rank), per part."""
         parts = {"prompt": self.prompt_lengths, "chosen": self.chosen_lengths, "rejected": self.rejected_lengths}
         return {name: _percentiles(lengths) for name, lengths in parts.items()}
 
+    def scored_percentiles(self) -> dict[str, dict[str, int]]:
+        """p50/p90/p99/max scored tokens per kept row (what completion_only_loss/assistant_only_loss leave)."""
+        return {"chosen": _percentiles(self.chosen_scored_lengths),
+                "rejected": _percentiles(self.rejected_scored_lengths)}
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready counts and percentiles, without the per-row length lists."""
         out = {k: v for k, v in asdict(self).items() if not k.endswith("_lengths")}
         out["lengths"] = self.percentiles()
+        out["scored_tokens"] = self.scored_percentiles()
         return out
 
 
@@ -153,6 +171,8 @@ class _Spec:
     max_prompt_length: int | None
     max_completion_length: int | None
     truncation_mode: str
+    completion_only_loss: bool = True
+    assistant_only_loss: bool = False
 
 
 class _BadRow(Exception):
@@ -327,7 +347,11 @@ def _process(dataset: Dataset, tokenizer: Any, args: Any, split: str) -> Dataset
         max_prompt_length=args.max_prompt_length,
         max_completion_length=args.max_completion_length,
         truncation_mode=args.truncation_mode,
+        completion_only_loss=args.completion_only_loss,
+        assistant_only_loss=args.assistant_only_loss,
     )
+    if spec.assistant_only_loss:
+        _check_generation_template(tokenizer)
     return dataset.map(
         _process_row,
         with_indices=True,
@@ -393,6 +417,11 @@ def _report(ds: Dataset, split: str) -> DataReport:
     def lengths(name: str) -> list[int]:
         return [len(ids) for ids, keep in zip(table[name].to_pylist(), kept) if keep]
 
+    def scored(part: str) -> list[int]:
+        """Scored label positions: the sequence's first token has no label, whatever its mask says."""
+        prompts, masks = table["prompt_loss_mask"].to_pylist(), table[f"{part}_loss_mask"].to_pylist()
+        return [sum((p + m)[1:]) for p, m, keep in zip(prompts, masks, kept) if keep]
+
     return DataReport(
         split=split,
         format=_describe_formats(col["_format"]),
@@ -405,6 +434,8 @@ def _report(ds: Dataset, split: str) -> DataReport:
         chosen_lengths=lengths("chosen_ids"),
         rejected_lengths=lengths("rejected_ids"),
         problems=_bad_rows(ds, split)[0],
+        chosen_scored_lengths=scored("chosen"),
+        rejected_scored_lengths=scored("rejected"),
     )
 
 
@@ -428,7 +459,8 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
 
 
 def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec) -> dict:
-    out = {"row_index": index, "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "_format": "", "_drop": "",
+    out = {"row_index": index, "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_loss_mask": [],
+           "chosen_loss_mask": [], "rejected_loss_mask": [], "_format": "", "_drop": "",
            "_drop_column": "", "_drop_detail": "", "_boundary_fix": False,
            "_cut_prompt": False, "_cut_chosen": False, "_cut_rejected": False}
     try:
@@ -442,16 +474,17 @@ def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec) -> dict:
         tools = _tools(row.get("tools"))
         kwargs = _template_kwargs(row.get("chat_template_kwargs"))
         if conversational:
-            tokenized = _tokenize_conversation(row, explicit, tools, kwargs, tokenizer)
+            tokenized = _tokenize_conversation(row, explicit, tools, kwargs, tokenizer, spec)
         elif tools or kwargs:
             column = "tools" if tools else "chat_template_kwargs"
             raise _BadRow("wrong_type", column, "needs conversational rows (lists of messages), not plain text")
         else:
-            tokenized = _tokenize_standard(row, explicit, tokenizer, spec.eos_token)
-        prompt_ids, chosen_ids, rejected_ids, fixed = tokenized
+            tokenized = _tokenize_standard(row, explicit, tokenizer, spec)
+        prompt_ids, chosen_ids, rejected_ids, fixed, masks = tokenized
         out["_format"] = _format_name(conversational, explicit, prompt is not None, bool(tools), bool(kwargs))
         out["_boundary_fix"] = fixed
         out.update(_truncate(prompt_ids, chosen_ids, rejected_ids, spec))
+        out.update(_cut_loss_masks(masks, out))
     except _BadRow as bad:
         out.update(_drop=bad.reason, _drop_column=bad.column, _drop_detail=bad.detail)
     return out
@@ -512,16 +545,18 @@ def _encode(tokenizer: Any, text: str, special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
-_Tokenized = tuple[list[int], list[int], list[int], bool]  # prompt, chosen, rejected ids; boundary fixed
+_Masks = tuple[list[int], list[int], list[int]]  # 1 on the scored tokens of prompt, chosen, rejected
+_Tokenized = tuple[list[int], list[int], list[int], bool, _Masks]  # prompt, chosen, rejected ids; boundary fixed
 
 
-def _tokenize_standard(row: dict, explicit: bool, tokenizer: Any, eos_token: str | None) -> _Tokenized:
+def _tokenize_standard(row: dict, explicit: bool, tokenizer: Any, spec: _Spec) -> _Tokenized:
     """Plain text: EOS appended to completions; prompt ids are exactly ``tokenize(prompt)``.
 
     When ``tokenize(prompt + completion)`` does not start with the prompt ids
     (BPE merged across the boundary), the completion is tokenized on its own.
     """
     chosen, rejected = row["chosen"], row["rejected"]
+    eos_token = spec.eos_token
     for column, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
             raise _BadRow("empty_completion", column, "is empty or whitespace-only")
@@ -542,11 +577,27 @@ def _tokenize_standard(row: dict, explicit: bool, tokenizer: Any, eos_token: str
         else:
             completions.append(_encode(tokenizer, text, special_tokens=False))
             fixed = True
-    return prompt_ids, completions[0], completions[1], fixed
+    return prompt_ids, completions[0], completions[1], fixed, _text_masks(prompt_ids, *completions, spec)
+
+
+def _text_masks(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], spec: _Spec) -> _Masks:
+    """Plain text has no assistant turns to pick: the completions are scored, the prompt too unless completion-only."""
+    if spec.assistant_only_loss:
+        raise _BadRow("wrong_type", "chosen", "assistant_only_loss needs conversational rows (lists of messages), "
+                                              "not plain text")
+    return [0 if spec.completion_only_loss else 1] * len(prompt_ids), [1] * len(chosen_ids), [1] * len(rejected_ids)
+
+
+def _cut_loss_masks(masks: _Masks, out: dict) -> dict:
+    """The masks cut as ``_truncate`` cut the ids: a prompt keeps its end, a completion its start."""
+    prompt, chosen, rejected = masks
+    return {"prompt_loss_mask": prompt[len(prompt) - len(out["prompt_ids"]):],
+            "chosen_loss_mask": chosen[:len(out["chosen_ids"])],
+            "rejected_loss_mask": rejected[:len(out["rejected_ids"])]}
 
 
 def _tokenize_conversation(
-    row: dict, explicit: bool, tools: list[dict] | None, kwargs: dict, tokenizer: Any
+    row: dict, explicit: bool, tools: list[dict] | None, kwargs: dict, tokenizer: Any, spec: _Spec
 ) -> _Tokenized:
     """Messages: prompt rendered with the generation prompt, completion = full render minus prompt render.
 
@@ -573,24 +624,20 @@ def _tokenize_conversation(
         raise _BadRow("chat_template_error", "prompt", "the tokenizer has no chat template; set chat_template_path")
 
     def render(messages: list[dict], column: str, generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False, **kwargs
-            )
-        except Exception as exc:  # templates raise anything: jinja errors, raise_exception(), TypeError on bad values
-            raise _BadRow("chat_template_error", column, f"{type(exc).__name__}: {exc}") from None
+        return _render(tokenizer, messages, tools, kwargs, column, generation_prompt)
 
     prompt_text = render(prompt, "prompt", generation_prompt=True)
     prompt_ids = _encode(tokenizer, prompt_text, special_tokens=False)
-    completions, fixed = [], False
+    completions, spans, fixed = [], [], False
     for column, messages in (("chosen", chosen), ("rejected", rejected)):
         full = render(prompt + messages, column, generation_prompt=False)
         if full.startswith(prompt_text):
             full_ids = _encode(tokenizer, full, special_tokens=False)
             if full_ids[: len(prompt_ids)] == prompt_ids:
-                completion_ids = full_ids[len(prompt_ids):]
+                completion_ids, start, separate = full_ids[len(prompt_ids):], len(prompt_text), False
             else:
-                completion_ids, fixed = _encode(tokenizer, full[len(prompt_text):], special_tokens=False), True
+                start, separate = len(prompt_text), True
+                completion_ids, fixed = _encode(tokenizer, full[start:], special_tokens=False), True
         else:
             if not full.startswith(render(prompt, "prompt", generation_prompt=False)):
                 raise _BadRow(
@@ -599,11 +646,143 @@ def _tokenize_conversation(
                     "so the completion cannot be located",
                 )
             start = next((i for i, (a, b) in enumerate(zip(prompt_text, full)) if a != b), len(full))
-            completion_ids, fixed = _encode(tokenizer, full[start:], special_tokens=False), True
+            completion_ids, fixed, separate = _encode(tokenizer, full[start:], special_tokens=False), True, True
         if not completion_ids:
             raise _BadRow("empty_completion", column, "renders to no text after the prompt")
         completions.append(completion_ids)
-    return prompt_ids, completions[0], completions[1], fixed
+        spans.append(_Rendered(column, messages, full, start, separate))
+    masks = _conversation_masks(tokenizer, prompt, prompt_text, prompt_ids, completions, spans, render, tools, kwargs,
+                                spec)
+    return prompt_ids, completions[0], completions[1], fixed, masks
+
+
+def _render(tokenizer: Any, messages: list[dict], tools: list[dict] | None, kwargs: dict, column: str,
+            generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=generation_prompt, tokenize=False, **kwargs
+        )
+    except Exception as exc:  # templates raise anything: jinja errors, raise_exception(), TypeError on bad values
+        raise _BadRow("chat_template_error", column, f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass
+class _Rendered:
+    """One completion as rendered: its messages, the full conversation text, where the completion's text starts
+    in it, and whether its ids were encoded from there on their own (else they continue the full text's ids)."""
+
+    column: str
+    messages: list[dict]
+    full: str
+    start: int
+    separate: bool
+
+
+def _check_generation_template(tokenizer: Any) -> None:
+    """assistant_only_loss reads the template's {% generation %} mask: refuse a template without one up front."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and not _GENERATION_TAG.search(template):
+        raise DataError(
+            "assistant_only_loss=true needs a chat template that marks the assistant's output with "
+            "{% generation %} ... {% endgeneration %}, and the tokenizer's template has no generation tags. "
+            f"Set chat_template_path to a template that has them, e.g. {GENERATION_TEMPLATE} "
+            "(ChatML with tool calls, the built-in model's format)"
+        )
+
+
+def _conversation_masks(tokenizer: Any, prompt: list[dict], prompt_text: str, prompt_ids: list[int],
+                        completions: list[list[int]], rendered: list[_Rendered], render: Any,
+                        tools: list[dict] | None, kwargs: dict, spec: _Spec) -> _Masks:
+    """Which tokens a conversational row scores, from character ranges of its rendered text.
+
+    A completion scores its tokens outside ``user``/``tool`` messages (text the
+    model did not write), and with ``assistant_only_loss`` only those inside
+    the template's ``{% generation %}`` ranges. The prompt scores nothing with
+    ``completion_only_loss``; otherwise all of it, or with
+    ``assistant_only_loss`` its assistant turns. A token counts when any of its
+    characters does (transformers' rule for ``return_assistant_tokens_mask``).
+    The common case (completion-only, no user/tool message in a completion)
+    needs no character work at all.
+    """
+    def plain(messages: list[dict]) -> bool:
+        return not spec.assistant_only_loss and not any(m["role"] in UNSCORED_ROLES for m in messages)
+
+    masks: list[list[int]] = []
+    generation: dict[str, list[bool]] = {}
+    for ids, done in zip(completions, rendered):
+        if plain(done.messages):
+            masks.append([1] * len(ids))
+            continue
+        scored = _message_chars(done, prompt, render)
+        if spec.assistant_only_loss:
+            generation[done.column] = _generation_chars(tokenizer, prompt + done.messages, tools, kwargs, done)
+            scored = [s and g for s, g in zip(scored, generation[done.column])]
+        if done.separate:
+            offsets = _offsets(tokenizer, done.full[done.start:], done.start)
+        else:
+            offsets = _offsets(tokenizer, done.full, 0)[len(prompt_ids):]
+        masks.append(_token_mask(offsets, scored))
+    if spec.completion_only_loss:
+        prompt_mask = [0] * len(prompt_ids)
+    elif not spec.assistant_only_loss:
+        prompt_mask = [1] * len(prompt_ids)
+    else:
+        # The prompt's text agrees with the chosen render up to the completion's start (after it: a generation
+        # prompt that the full render lacks, never an assistant turn).
+        in_turn = generation["chosen"][:rendered[0].start]
+        prompt_mask = _token_mask(_offsets(tokenizer, prompt_text, 0),
+                                  in_turn + [False] * (len(prompt_text) - len(in_turn)))
+    return prompt_mask, masks[0], masks[1]
+
+
+def _message_chars(done: _Rendered, prompt: list[dict], render: Any) -> list[bool]:
+    """Per character of the full text: True inside the completion but outside its user/tool messages.
+
+    Message k ends where the render of the conversation up to message k stops
+    agreeing with the full render (a common prefix, not an exact one: a
+    template may close a group of tool messages only after the last).
+    """
+    full = done.full
+    chars = [False] * done.start + [True] * (len(full) - done.start)
+    start = done.start
+    for k, message in enumerate(done.messages):
+        upto = full if k == len(done.messages) - 1 else render(prompt + done.messages[:k + 1], done.column, False)
+        end = next((i for i, (a, b) in enumerate(zip(upto, full)) if a != b), min(len(upto), len(full)))
+        if message["role"] in UNSCORED_ROLES:
+            chars[start:end] = [False] * max(0, end - start)
+        start = max(start, end)
+    return chars
+
+
+def _generation_chars(tokenizer: Any, messages: list[dict], tools: list[dict] | None, kwargs: dict,
+                      done: _Rendered) -> list[bool]:
+    """Per character of the full text: True inside the chat template's {% generation %} ranges."""
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            tokenizer_kwargs={"return_offsets_mapping": True}, **kwargs,
+        )
+    except Exception as exc:  # as in _render
+        raise _BadRow("chat_template_error", done.column, f"{type(exc).__name__}: {exc}") from None
+    chars = [False] * len(done.full)
+    for (a, b), marked in zip(out["offset_mapping"], out["assistant_masks"]):
+        if marked:
+            chars[a:b] = [True] * (min(b, len(chars)) - a)
+    return chars
+
+
+def _offsets(tokenizer: Any, text: str, base: int) -> list[tuple[int, int]]:
+    """Character span of each token of ``text`` (tokenized as ``_encode`` does), shifted by ``base``."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"assistant_only_loss, completion_only_loss=false and user/tool messages inside completions "
+                        f"need a fast tokenizer (character offsets); {type(tokenizer).__name__} is not one")
+    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [(a + base, b + base) for a, b in spans]
+
+
+def _token_mask(offsets: list[tuple[int, int]], scored: list[bool]) -> list[int]:
+    """1 for each token with at least one scored character (a zero-width token looks at the character it sits on)."""
+    return [int(any(scored[a:max(b, a + 1)])) for a, b in offsets]
 
 
 def _drop_none(value: Any) -> Any:

@@ -50,7 +50,7 @@ def model_inputs(batch: dict, layout: str = "padded", max_length: Optional[int] 
     if layout == "prefix_sharing" and varlen:
         raise ValueError(f"prefix_sharing needs a 4D attention mask, which attn_implementation="
                          f"{attn_implementation!r} cannot take; use sdpa or eager")
-    units = _units(padded, shared_prompt=layout == "prefix_sharing")
+    units = _units({**padded, "prompt_mask": batch["prompt_mask"]}, shared_prompt=layout == "prefix_sharing")
     capacity = None if varlen else max([max_length or 0] + [u.length for u in units])
     packed = _pack(units, capacity, pad_to_multiple_of, batch["input_ids"].shape)
     return {**packed, "completion_mask": padded["completion_mask"]}
@@ -75,7 +75,7 @@ class _Unit:
 
 
 def _units(batch: dict[str, Tensor], shared_prompt: bool) -> list[_Unit]:
-    input_ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    input_ids, attention, prompt_mask = batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]
     rows = input_ids.shape[0]
     columns = [attention[i].nonzero().squeeze(1) for i in range(rows)]
     if not shared_prompt:
@@ -84,9 +84,9 @@ def _units(batch: dict[str, Tensor], shared_prompt: bool) -> list[_Unit]:
     units = []
     for c in range(pairs):
         r = c + pairs
-        prompt_len = int((completion[c, columns[c]] == 0).sum())
+        prompt_len = int(prompt_mask[c].sum())
         prompt = input_ids[c, columns[c][:prompt_len]]
-        if int((completion[r, columns[r]] == 0).sum()) != prompt_len or not torch.equal(
+        if int(prompt_mask[r].sum()) != prompt_len or not torch.equal(
                 prompt, input_ids[r, columns[r][:prompt_len]]):
             raise ValueError(f"prefix_sharing: pair {c} has different prompts in its chosen and rejected rows")
         parts = [(_PROMPT, prompt, [(c, columns[c][:prompt_len]), (r, columns[r][:prompt_len])], 0)]

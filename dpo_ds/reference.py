@@ -36,14 +36,16 @@ from .ops import sequence_logps
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bumped whenever what a cache holds changes meaning, so an old cache is never read as a new one."""
-_DATA_COLUMNS = ("row_index", "prompt_ids", "chosen_ids", "rejected_ids")
+_DATA_COLUMNS = ("row_index", "prompt_ids", "chosen_ids", "rejected_ids",
+                 "prompt_loss_mask", "chosen_loss_mask", "rejected_loss_mask")
 # DPOConfig fields that change the reference's values for the same token ids and weights.
 _VALUE_SETTINGS = ("temperature", "logit_softcap", "ld_alpha", "attn_implementation", "bf16", "fp16")
-# ... and those that decide the token ids (already in the data fingerprint; kept so the manifest tells).
+# ... and those that decide the token ids and which of them are scored (already in the data fingerprint: the ids
+# and the loss masks; kept so the manifest tells).
 _TOKEN_SETTINGS = ("max_length", "max_prompt_length", "max_completion_length", "truncation_mode", "eos_token",
-                   "chat_template_path")
+                   "chat_template_path", "completion_only_loss", "assistant_only_loss")
 
 
 def pair_logps(token_logps: Tensor, mask: Tensor, ld_alpha: Optional[float] = None,
@@ -219,7 +221,7 @@ class CachedReference(Reference):
 # ----------------------------------------------------------------------------- the cache
 
 def dataset_fingerprint(dataset) -> str:
-    """SHA-256 of the tokenized rows (row_index and the prompt/chosen/rejected ids): exact, and the same
+    """SHA-256 of the tokenized rows (row_index, the prompt/chosen/rejected ids and loss masks): exact, and the same
     in every process that tokenizes the same data with the same settings."""
     import pyarrow.compute as pc
 

@@ -32,8 +32,35 @@ def test_right_padding_chosen_rows_then_rejected_rows():
         [0, 0, 0, 1, 0],
         [0, 0, 1, 1, 0],
     ]))
+    assert torch.equal(batch["prompt_mask"], torch.tensor([
+        [1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0],
+    ]))
     assert all(t.dtype == torch.long for t in batch.values())
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "prompt_mask"}
+
+
+def test_loss_masks_of_the_rows_become_the_completion_mask():
+    """Rows from dpo_ds.data carry per-token loss masks (here: prompt tokens scored, holes in completions); a
+    sequence's first token is never scored, even when its mask says so: nothing predicts it (left padding
+    would put a pad token before it)."""
+    rows = [{**ROWS[0], "prompt_loss_mask": [0, 1, 1], "chosen_loss_mask": [0, 1], "rejected_loss_mask": [1]},
+            {**ROWS[1], "prompt_loss_mask": [1, 0], "chosen_loss_mask": [1], "rejected_loss_mask": [1, 0]}]
+    batch = PreferenceCollator(pad_token_id=0, padding_side="left")(rows)
+    assert torch.equal(batch["completion_mask"], torch.tensor([
+        [0, 1, 1, 0, 1],
+        [0, 0, 0, 0, 1],
+        [0, 0, 1, 1, 1],
+        [0, 0, 0, 1, 0],
+    ]))
+    assert torch.equal(batch["prompt_mask"], torch.tensor([
+        [1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 0],
+        [0, 1, 1, 1, 0],
+        [0, 1, 1, 0, 0],
+    ]))
 
 
 def test_left_padding_and_pad_to_multiple_of():

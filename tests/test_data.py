@@ -567,4 +567,5 @@ def test_worker_processes_give_the_same_rows(tmp_path, tok):
 def test_prepare_dataset_on_an_in_memory_dataset(tok):
     dataset, report = prepare_dataset(Dataset.from_list(ROWS[:2]), tok, DPOConfig())
     assert report.rows_kept == 2
-    assert dataset.column_names == ["row_index", "prompt_ids", "chosen_ids", "rejected_ids"]
+    assert dataset.column_names == ["row_index", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_loss_mask",
+                                    "chosen_loss_mask", "rejected_loss_mask"]

@@ -73,7 +73,10 @@ def test_weights_digest_follows_every_bit_of_every_weight():
 
 
 def rows_dataset(rows: list[dict], row_index: list[int]) -> Dataset:
-    return Dataset.from_list([{**r, "row_index": i} for r, i in zip(rows, row_index)])
+    """Rows as dpo_ds.data leaves them: with loss masks (the completion scored, unless the row brings its own)."""
+    masks = [{"prompt_loss_mask": [0] * len(r["prompt_ids"]), "chosen_loss_mask": [1] * len(r["chosen_ids"]),
+              "rejected_loss_mask": [1] * len(r["rejected_ids"])} for r in rows]
+    return Dataset.from_list([{**m, **r, "row_index": i} for r, m, i in zip(rows, masks, row_index)])
 
 
 def test_cache_key_changes_with_data_weights_and_settings():
@@ -91,9 +94,14 @@ def test_cache_key_changes_with_data_weights_and_settings():
                 "chosen_ids": moved[0]["chosen_ids"][1:]}
     assert dataset_fingerprint(rows_dataset(moved, [0, 1, 2, 3])) != key["data"]
     assert dataset_fingerprint(rows_dataset(rows, [0, 1, 2, 4])) != key["data"]
+    # The same tokens, other tokens scored (completion_only_loss=false, assistant_only_loss): other values.
+    scored = [dict(r) for r in rows]
+    scored[1] = {**scored[1], "prompt_loss_mask": [1] * len(scored[1]["prompt_ids"])}
+    assert dataset_fingerprint(rows_dataset(scored, [0, 1, 2, 3])) != key["data"]
     assert cache_key(args, data, "m2") != key
     for other in (dict(max_length=65), dict(max_length=64, temperature=0.7), dict(max_length=64, ld_alpha=0.5),
-                  dict(max_length=64, bf16=True), dict(max_length=64, truncation_mode="keep_end")):
+                  dict(max_length=64, bf16=True), dict(max_length=64, truncation_mode="keep_end"),
+                  dict(max_length=64, completion_only_loss=False), dict(max_length=64, assistant_only_loss=True)):
         assert cache_key(DPOConfig(**other), data, "m1") != key, other
 
 

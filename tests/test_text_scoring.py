@@ -1,9 +1,20 @@
 """What the model learns from, on text: packing (alias padding_free), completion_only_loss, assistant_only_loss."""
+import json
+import math
+
 import pytest
+import torch
 import yaml
 
+from dpo_ds.collate import PreferenceCollator
 from dpo_ds.config import ConfigError, DPOConfig
-from dpo_ds.packing import layout_name
+from dpo_ds.data import GENERATION_TEMPLATE, DataError, load_preference_data
+from dpo_ds.models import load_tokenizer
+from dpo_ds.engines import PreferenceModel
+from dpo_ds.losses import LOSS_TYPES, compute_loss
+from dpo_ds.packing import layout_name, model_inputs
+from dpo_ds.reference import pair_logps
+from test_packing import random_rows, tiny
 
 
 @pytest.mark.parametrize("kw,packed", [({}, False), ({"packing": True}, True), ({"padding_free": True}, True),
@@ -29,3 +40,249 @@ def test_saved_packing_config_reads_back_equal(tmp_path):
     assert saved["packing"] is True and saved["padding_free"] is True
     back = DPOConfig.load(str(tmp_path / "c.yaml"))
     assert back == cfg and layout_name(back) == "prefix_sharing"
+
+
+# --------------------------------------------------------------------------- scored-token masks, by hand
+#
+# The expected masks are built from the rendered text cut into pieces at ChatML's special tokens, each
+# piece tokenized on its own and given its 0/1 by hand; the tests first check that the pieces' ids are the
+# row's ids, so the masks line up token by token.
+
+GENERATION = str(GENERATION_TEMPLATE)
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}]
+TOOLS_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face\n\n# Tools\n\n"
+    "You may call one or more functions to assist with the user query.\n\nYou are provided with function "
+    "signatures within <tools></tools> XML tags:\n<tools>\n" + json.dumps(TOOLS[0]) + "\n</tools>\n\nFor each "
+    "function call, return a json object with function name and arguments within <tool_call></tool_call> XML "
+    "tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+)
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+@pytest.fixture(scope="module")
+def tok(builtin_tokenizer):
+    return builtin_tokenizer
+
+
+@pytest.fixture(scope="module")
+def gen_tok():
+    return load_tokenizer("builtin", DPOConfig(chat_template_path=GENERATION))
+
+
+def pieces(tokenizer, parts):
+    """(ids, mask) of text pieces given as (text, scored) pairs, each tokenized on its own."""
+    ids, mask = [], []
+    for text, scored in parts:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [int(scored)] * len(piece)
+    return ids, mask
+
+
+def chatml(role, text, scored_header, scored_body):
+    """One ChatML turn cut at its special tokens: header pieces, then body + <|im_end|> + newline."""
+    return [("<|im_start|>", scored_header), (f"{role}\n", scored_header), (text, scored_body),
+            ("<|im_end|>", scored_body), ("\n", scored_body)]
+
+
+def one_row(tmp_path, tokenizer, row, **kw):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    data = load_preference_data(DPOConfig(dataset_name=str(path), dataset_test_split=None, **kw), tokenizer)
+    return data.train[0], data.train_report
+
+
+def check(row, prompt, chosen, rejected):
+    """The row's ids and loss masks equal the hand-built pieces'."""
+    for part, (ids, mask) in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        assert row[f"{part}_ids"] == ids, part
+        assert row[f"{part}_loss_mask"] == mask, part
+
+
+@pytest.mark.parametrize("completion_only_loss", [True, False])
+def test_standard_rows_score_the_prompt_only_without_completion_only_loss(tmp_path, tok, completion_only_loss):
+    row, report = one_row(tmp_path, tok, {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+                          completion_only_loss=completion_only_loss)
+    prompt = pieces(tok, [("The sky is", not completion_only_loss)])
+    check(row, prompt, pieces(tok, [(" blue.", True), ("<|im_end|>", True)]),
+          pieces(tok, [(" green.", True), ("<|im_end|>", True)]))
+    # data-check's count: the scored label positions (the sequence's first token has none).
+    first = 0 if completion_only_loss else 1
+    assert report.chosen_scored_lengths == [sum(prompt[1]) + len(row["chosen_ids"]) - first]
+
+
+MULTI_TURN = {"prompt": [msg("user", "Hi"), msg("assistant", "Hello!"), msg("user", "2+2?")],
+              "chosen": [msg("assistant", "4"), msg("user", "Sure?"), msg("assistant", "Yes, 4.")],
+              "rejected": [msg("assistant", "5")]}
+
+
+@pytest.mark.parametrize("completion_only_loss,assistant_only_loss",
+                         [(True, False), (False, False), (True, True), (False, True)])
+def test_multi_turn_masks(tmp_path, gen_tok, completion_only_loss, assistant_only_loss):
+    """A user turn inside a completion is never scored; assistant_only_loss also drops the role headers and,
+    without completion_only_loss, scores the prompt's assistant turns (TRL's combination)."""
+    row, report = one_row(tmp_path, gen_tok, MULTI_TURN, completion_only_loss=completion_only_loss,
+                          assistant_only_loss=assistant_only_loss)
+    p = not completion_only_loss  # prompt text scored at all
+    a = not assistant_only_loss  # role headers and non-assistant text scored (when in a scored part)
+    prompt = pieces(gen_tok, [(SYSTEM.replace("<|im_end|>\n", ""), p and a), ("<|im_end|>", p and a),
+                              ("\n", p and a), *chatml("user", "Hi", p and a, p and a),
+                              *chatml("assistant", "Hello!", p and a, p),
+                              *chatml("user", "2+2?", p and a, p and a),
+                              ("<|im_start|>", p and a), ("assistant\n", p and a)])
+    chosen = pieces(gen_tok, [("4", True), ("<|im_end|>", True), ("\n", True),
+                              *chatml("user", "Sure?", False, False),
+                              ("<|im_start|>", a), ("assistant\n", a),
+                              ("Yes, 4.", True), ("<|im_end|>", True), ("\n", True)])
+    rejected = pieces(gen_tok, [("5", True), ("<|im_end|>", True), ("\n", True)])
+    check(row, prompt, chosen, rejected)
+    assert report.rejected_scored_lengths == [sum(prompt[1][1:]) + sum(rejected[1])]
+
+
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_ROW = {"prompt": [msg("user", "Weather in Paris?")],
+            "chosen": [{"role": "assistant", "tool_calls": [TOOL_CALL]}, msg("tool", "22 C, sunny"),
+                       msg("assistant", "It is 22 C and sunny in Paris.")],
+            "rejected": [msg("assistant", "I cannot know that.")],
+            "tools": TOOLS}
+
+
+@pytest.mark.parametrize("assistant_only_loss", [True, False])
+def test_tool_row_scores_the_call_and_the_answer_never_the_tool_output(tmp_path, gen_tok, assistant_only_loss):
+    row, _ = one_row(tmp_path, gen_tok, TOOL_ROW, assistant_only_loss=assistant_only_loss)
+    a = not assistant_only_loss
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    prompt = pieces(gen_tok, [(TOOLS_SYSTEM.replace("<|im_end|>\n", ""), False), ("<|im_end|>", False),
+                              ("\n", False), *chatml("user", "Weather in Paris?", False, False),
+                              ("<|im_start|>", False), ("assistant\n", False)])
+    chosen = pieces(gen_tok, [(call, True), ("<|im_end|>", True), ("\n", True),
+                              *chatml("tool", "22 C, sunny", False, False),
+                              ("<|im_start|>", a), ("assistant\n", a),
+                              ("It is 22 C and sunny in Paris.", True), ("<|im_end|>", True), ("\n", True)])
+    rejected = pieces(gen_tok, [("I cannot know that.", True), ("<|im_end|>", True), ("\n", True)])
+    check(row, prompt, chosen, rejected)
+
+
+def test_assistant_only_loss_refuses_a_template_without_generation_tags(tmp_path, tok):
+    with pytest.raises(DataError, match=r"no generation tags.*chat_template_path.*chatml_generation\.jinja"):
+        one_row(tmp_path, tok, MULTI_TURN, assistant_only_loss=True)
+
+
+def test_assistant_only_loss_on_a_text_row_is_a_bad_row(tmp_path, gen_tok):
+    with pytest.raises(DataError, match="row 0, column 'chosen'.*assistant_only_loss needs conversational rows"):
+        one_row(tmp_path, gen_tok, {"prompt": "a", "chosen": "b", "rejected": "c"}, assistant_only_loss=True)
+
+
+def test_the_generation_template_renders_plain_chats_as_the_builtin_template(tok, gen_tok):
+    """Without tools, the shipped template is SmolLM2's own ChatML, so the built-in model sees its own format."""
+    for conversation in (MULTI_TURN["prompt"], [msg("system", "Be brief."), *MULTI_TURN["prompt"]]):
+        for generation_prompt in (True, False):
+            assert gen_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt) \
+                == tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+# --------------------------------------------------------------------------- the masks through the model
+
+LOSS_CASES = [dict(loss_type="sigmoid"), dict(loss_type="sigmoid", ld_alpha=0.5), dict(loss_type="ipo"),
+              dict(loss_type="sigmoid_norm"), dict(loss_type="simpo"), dict(loss_type="sigmoid", rpo_alpha=0.5)]
+
+
+def masked_rows(n, seed):
+    """random_rows with loss masks as completion_only_loss=false / assistant_only_loss leave them: some prompt
+    tokens scored, holes inside the completions (at least one completion token scored)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = random_rows(n, seed)
+
+    def bits(length):
+        return torch.randint(0, 2, (length,), generator=g).tolist()
+
+    for row in rows:
+        row["prompt_loss_mask"] = bits(len(row["prompt_ids"]))
+        for part in ("chosen", "rejected"):
+            row[f"{part}_loss_mask"] = [1] + bits(len(row[f"{part}_ids"]) - 1)
+    return rows
+
+
+def alone_sums(model, rows):
+    """Independent reference: each sequence alone, HF logits -> float64 log-softmax, summed over its mask."""
+    sums = []
+    for part in ("chosen", "rejected"):
+        for row in rows:
+            ids = torch.tensor([row["prompt_ids"] + row[f"{part}_ids"]])
+            mask = torch.tensor(row["prompt_loss_mask"] + row[f"{part}_loss_mask"], dtype=torch.float64)
+            with torch.no_grad():
+                logits = model.model(input_ids=ids).logits[0, :-1].double()
+            token = logits.log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+            sums.append((token * mask[1:]).sum())
+    return torch.stack(sums)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_and_padded_batches_give_the_same_losses_with_loss_masks(side):
+    model = tiny("llama", "sdpa")
+    rows = masked_rows(5, seed=3)
+    batch = PreferenceCollator(0, padding_side=side)(rows)
+    mask = batch["completion_mask"][:, 1:].float()
+    padded = model(**model_inputs(batch, "padded"), with_stats=False).logps
+    pol = pair_logps(padded, mask)
+    torch.testing.assert_close(torch.cat([pol.chosen, pol.rejected]).double(), alone_sums(model, rows),
+                               atol=1e-5, rtol=0)
+    lengths = torch.tensor([sum((r["prompt_loss_mask"] + r[f"{p}_loss_mask"])[1:]) for p in ("chosen", "rejected")
+                            for r in rows], dtype=torch.float32)
+    assert torch.equal(torch.cat([pol.chosen_lengths, pol.rejected_lengths]), lengths)
+    for layout in ("padding_free", "prefix_sharing"):
+        packed = model(**model_inputs(batch, layout, max_length=30), with_stats=False).logps
+        for case in LOSS_CASES:
+            args = DPOConfig(**case)
+            ref = pair_logps(padded.detach() * 0.9, mask, args.ld_alpha)
+            want = compute_loss(args, pair_logps(padded, mask, args.ld_alpha), ref).per_pair
+            got = compute_loss(args, pair_logps(packed, mask, args.ld_alpha), ref).per_pair
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=f"{layout} {case}")
+
+
+@pytest.fixture(scope="module")
+def assistant_only_batch(tmp_path_factory, gen_tok):
+    """The multi-turn and the tool row, tokenized with assistant_only_loss, as one collated batch."""
+    path = tmp_path_factory.mktemp("aol") / "rows.jsonl"
+    path.write_text(json.dumps(MULTI_TURN) + "\n" + json.dumps(TOOL_ROW) + "\n")
+    data = load_preference_data(DPOConfig(dataset_name=str(path), dataset_test_split=None, assistant_only_loss=True),
+                                gen_tok)
+    return PreferenceCollator(gen_tok.pad_token_id)(list(data.train)), data.train_report
+
+
+@pytest.fixture(scope="module")
+def assistant_only_logps(assistant_only_batch, tiny_model_dir):
+    """The tiny model's per-token log-probs of that batch (one forward for all loss types)."""
+    from transformers import AutoModelForCausalLM
+
+    model = PreferenceModel(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    with torch.no_grad():
+        return model(**model_inputs(assistant_only_batch[0], "padded"), with_stats=False).logps
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_every_loss_type_trains_on_assistant_tokens_only(loss_type, assistant_only_batch, assistant_only_logps):
+    """Each loss runs on assistant-only masks: finite, its lengths the scored counts data-check reports, its
+    gradient on scored tokens only (some of them); at policy == reference the sigmoid loss is log 2."""
+    batch, report = assistant_only_batch
+    args = DPOConfig(loss_type=loss_type, assistant_only_loss=True,
+                     label_smoothing=0.1 if loss_type == "exo_pair" else 0.0)
+    mask = batch["completion_mask"][:, 1:].float()
+    token_logps = assistant_only_logps.clone().requires_grad_(True)
+    pol = pair_logps(token_logps, mask)
+    assert pol.chosen_lengths.tolist() == report.chosen_scored_lengths
+    assert pol.rejected_lengths.tolist() == report.rejected_scored_lengths
+    loss = compute_loss(args, pol, pair_logps(assistant_only_logps, mask)).per_pair.mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert token_logps.grad[mask == 0].abs().max() == 0 and token_logps.grad[mask > 0].abs().max() > 0
+    if loss_type == "sigmoid":
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6)

@@ -42,6 +42,13 @@ Truncation, in this order (``None`` disables a limit):
      (TRL cuts each sequence on its own). A row whose longer completion leaves
      no room for any prompt token is dropped (``completion_exceeds_max_length``).
 
+Each part also gets a loss mask (``prompt_loss_mask``, ``chosen_loss_mask``,
+``rejected_loss_mask``: 1 on the tokens whose log-prob counts), cut along with
+the ids: the completion (``completion_only_loss``, TRL's default) or the prompt
+too; with ``assistant_only_loss`` only the chat template's ``{% generation %}``
+ranges; never a ``user`` or ``tool`` message inside a completion (see
+``_conversation_masks``).
+
 Bad rows (wrong types, empty or identical completions, malformed messages,
 unknown roles, invalid ``tools`` JSON, templates that fail) raise one
 ``DataError`` listing them when ``on_bad_row="error"``, or are dropped and

@@ -328,3 +328,51 @@ def test_tool_calling_example_data_scores_calls_and_answers_not_tool_output(gen_
                     assert json.dumps(message["tool_calls"][0]["function"]["arguments"]) in scored
                 else:
                     assert message["content"] in scored
+
+
+def test_data_check_reports_scored_tokens_per_row(tmp_path, tok, capsys):
+    from dpo_ds.cli import main
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "one two three four", "chosen": " yes", "rejected": " no way"}) + "\n")
+    prompt = len(tok("one two three four")["input_ids"])
+    chosen, rejected = (len(tok(text + "<|im_end|>", add_special_tokens=False)["input_ids"])
+                        for text in (" yes", " no way"))
+    for flag, first_scored in (("true", prompt), ("false", 1)):
+        assert main(["data-check", "--dataset", str(path), "--model", "builtin", "--json", "--dataset_test_split",
+                     "none", "--completion_only_loss", flag]) == 0
+        scored = json.loads(capsys.readouterr().out)["scored_tokens"]
+        want = {"chosen": prompt + chosen - first_scored, "rejected": prompt + rejected - first_scored}
+        assert {part: scored[part]["max"] for part in want} == want
+    assert main(["data-check", "--dataset", str(path), "--model", "builtin", "--dataset_test_split", "none"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("scored"))
+    assert lines[at + 1].split() == ["chosen"] + [str(chosen)] * 4
+    assert lines[at + 2].split() == ["rejected"] + [str(rejected)] * 4
+
+
+# Its generation prompt opens an empty think block that the rendered assistant turn lacks (Qwen3-style), so the
+# completion's text starts where prompt and full render diverge and its ids are encoded on their own.
+THINK_GENERATION_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message.content + '<|im_end|>\\n' }}{% endgeneration %}"
+    "{%- else %}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{% endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("completion_only_loss,assistant_only_loss", [(True, False), (False, True)])
+def test_masks_when_the_generation_prompt_differs_from_the_assistant_turn(tmp_path, completion_only_loss,
+                                                                          assistant_only_loss):
+    (tmp_path / "t.jinja").write_text(THINK_GENERATION_TEMPLATE)
+    think_tok = load_tokenizer("builtin", DPOConfig(chat_template_path=str(tmp_path / "t.jinja")))
+    row, _ = one_row(tmp_path, think_tok, MULTI_TURN, completion_only_loss=completion_only_loss,
+                     assistant_only_loss=assistant_only_loss)
+    p, a = not completion_only_loss, not assistant_only_loss
+    prompt = pieces(think_tok, [*chatml("user", "Hi", p and a, p and a), *chatml("assistant", "Hello!", p and a, p),
+                                *chatml("user", "2+2?", p and a, p and a), ("<|im_start|>", p and a),
+                                ("assistant\n<think>\n\n</think>\n\n", p and a)])
+    chosen = pieces(think_tok, [("4", True), ("<|im_end|>", True), ("\n", True),
+                                *chatml("user", "Sure?", False, False), ("<|im_start|>", a), ("assistant\n", a),
+                                ("Yes, 4.", True), ("<|im_end|>", True), ("\n", True)])
+    check(row, prompt, chosen, pieces(think_tok, [("5", True), ("<|im_end|>", True), ("\n", True)]))

@@ -53,9 +53,10 @@ def pair_logps(token_logps: Tensor, mask: Tensor, ld_alpha: Optional[float] = No
     """Per-pair sequence log-probs from per-token ones.
 
     token_logps, mask: [2B, T-1], chosen rows then rejected rows; mask is the
-    completion mask shifted to the label positions. With `log_sum_sq_probs`
-    the WPO terms (mean over completion tokens of logp - log sum_v p_v^2) are
-    filled in too.
+    batch's completion_mask (the scored tokens) shifted to the label
+    positions, so lengths are scored-token counts. With `log_sum_sq_probs` the
+    WPO terms (mean over scored tokens of logp - log sum_v p_v^2) are filled
+    in too.
     """
     seq = sequence_logps(token_logps, mask, ld_alpha)
     lengths = mask.sum(1)

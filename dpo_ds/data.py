@@ -781,8 +781,8 @@ def _generation_chars(tokenizer: Any, messages: list[dict], tools: list[dict] | 
 def _offsets(tokenizer: Any, text: str, base: int) -> list[tuple[int, int]]:
     """Character span of each token of ``text`` (tokenized as ``_encode`` does), shifted by ``base``."""
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"assistant_only_loss, completion_only_loss=false and user/tool messages inside completions "
-                        f"need a fast tokenizer (character offsets); {type(tokenizer).__name__} is not one")
+        raise DataError(f"assistant_only_loss and user/tool messages inside completions need a fast tokenizer "
+                        f"(character offsets); {type(tokenizer).__name__} is not one")
     spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return [(a + base, b + base) for a, b in spans]
 

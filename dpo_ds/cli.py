@@ -96,6 +96,9 @@ def _example(tokenizer: Any, row: dict) -> dict:
         "prompt": tokenizer.decode(row["prompt_ids"]),
         "chosen": tokenizer.decode(row["chosen_ids"]),
         "rejected": tokenizer.decode(row["rejected_ids"]),
+        # Scored label positions (the loss masks, the sequence's first token excluded), as the report counts them.
+        "scored_tokens": {part: sum((row["prompt_loss_mask"] + row[f"{part}_loss_mask"])[1:])
+                          for part in ("chosen", "rejected")},
     }
 
 

@@ -340,10 +340,11 @@ def test_data_check_reports_scored_tokens_per_row(tmp_path, tok, capsys):
                         for text in (" yes", " no way"))
     for flag, first_scored in (("true", prompt), ("false", 1)):
         assert main(["data-check", "--dataset", str(path), "--model", "builtin", "--json", "--dataset_test_split",
-                     "none", "--completion_only_loss", flag]) == 0
-        scored = json.loads(capsys.readouterr().out)["scored_tokens"]
+                     "none", "--completion_only_loss", flag, "--show", "1"]) == 0
+        report = json.loads(capsys.readouterr().out)
         want = {"chosen": prompt + chosen - first_scored, "rejected": prompt + rejected - first_scored}
-        assert {part: scored[part]["max"] for part in want} == want
+        assert {part: report["scored_tokens"][part]["max"] for part in want} == want
+        assert report["examples"][0]["scored_tokens"] == want
     assert main(["data-check", "--dataset", str(path), "--model", "builtin", "--dataset_test_split", "none"]) == 0
     lines = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(lines) if line.strip().startswith("scored"))

@@ -151,6 +151,21 @@ def test_multi_turn_masks(tmp_path, gen_tok, completion_only_loss, assistant_onl
     assert report.rejected_scored_lengths == [sum(prompt[1][1:]) + sum(rejected[1])]
 
 
+def test_truncation_cuts_the_masks_with_the_ids(tmp_path, gen_tok):
+    """max_prompt_length keeps the prompt's end, max_completion_length the completion's start: masks too."""
+    full, _ = one_row(tmp_path, gen_tok, MULTI_TURN, completion_only_loss=False, assistant_only_loss=True)
+    # Keep the prompt from the second token of its scored assistant turn: the cut lands inside the pattern.
+    keep = len(full["prompt_ids"]) - full["prompt_loss_mask"].index(1) - 1
+    cut, report = one_row(tmp_path, gen_tok, MULTI_TURN, completion_only_loss=False, assistant_only_loss=True,
+                          max_prompt_length=keep, max_completion_length=5, max_length=None)
+    assert report.truncated == {"prompt": 1, "chosen": 1, "rejected": 0}
+    assert cut["prompt_ids"] == full["prompt_ids"][-keep:]
+    assert cut["prompt_loss_mask"] == full["prompt_loss_mask"][-keep:]
+    assert cut["prompt_loss_mask"][0] == 1 and 0 in cut["prompt_loss_mask"]
+    assert cut["chosen_ids"] == full["chosen_ids"][:5] and cut["chosen_loss_mask"] == full["chosen_loss_mask"][:5]
+    assert cut["rejected_loss_mask"] == full["rejected_loss_mask"]
+
+
 TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
 TOOL_ROW = {"prompt": [msg("user", "Weather in Paris?")],
             "chosen": [{"role": "assistant", "tool_calls": [TOOL_CALL]}, msg("tool", "22 C, sunny"),

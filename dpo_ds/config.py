@@ -238,7 +238,7 @@ class DPOConfig:
 
     # --- what the model learns from ---
     packing: Optional[bool] = None
-    """Pack each batch's sequences into rows of up to max_length tokens (per-sequence positions, no cross-attention)."""
+    """Pack each batch's sequences into rows of up to max_length tokens, no cross-attention; None = padding_free's."""
     completion_only_loss: bool = True
     """Score only the completion tokens (TRL's default); false scores the prompt tokens too."""
     assistant_only_loss: bool = False

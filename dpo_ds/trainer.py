@@ -211,10 +211,24 @@ class DPOTrainer:
         return loader, valid.split(batch_size)
 
     # ----------------------------------------------------------------- loop
-    def train(self) -> dict:
+    def _resume_path(self, spec: str | bool | None) -> Optional[Path]:
+        """transformers' meaning: a checkpoint path, True = the newest complete checkpoint in output_dir (an
+        error when there is none), False = none; None falls back to `args.resume_from_checkpoint`."""
+        a = self.args
+        spec = a.resume_from_checkpoint if spec is None else spec
+        if spec is True:
+            found = checkpoint.resolve_resume("auto", a.output_dir)
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in {a.output_dir}")
+            return found
+        return checkpoint.resolve_resume(spec or None, a.output_dir)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
+        """Train to `max_steps` (or `num_train_epochs`), resuming from `resume_from_checkpoint` as transformers
+        does. Returns the logged training rows (`history`) and the final evaluation (`eval`)."""
         a = self.args
         policy = self.engines.policy
-        resume = checkpoint.resolve_resume(a.resume_from_checkpoint, a.output_dir)
+        resume = self._resume_path(resume_from_checkpoint)
         if resume is not None:
             client = checkpoint.load(policy, resume)
             self.reference.load(resume)
@@ -335,17 +349,34 @@ class DPOTrainer:
 
         return tqdm(total=self.total_steps, initial=self.state["global_step"], desc="dpo", dynamic_ncols=True)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """The training metrics on the eval split, prefixed `eval_`; exact across ranks."""
-        a = self.args
-        if self.eval_data is None:
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """TRL's `trainer.evaluate()`: the training metrics on the eval split (or on `eval_dataset`: a raw
+        preference dataset, or a dict of them, each reported as `{metric_key_prefix}_{name}_*`), prefixed
+        `{metric_key_prefix}_`; exact across ranks. Collective."""
+        if isinstance(eval_dataset, dict):
+            results = {"global_step": self.state["global_step"]}
+            for name, dataset in eval_dataset.items():
+                results.update(self.evaluate(dataset, f"{metric_key_prefix}_{name}"))
+            return results
+        data = self.eval_data
+        if eval_dataset is not None:
+            if self.args.precompute_ref_log_probs:
+                raise ValueError("evaluate(eval_dataset=...): the reference log-probs were precomputed for the "
+                                 "datasets given at construction only; pass this one as eval_dataset to DPOTrainer")
+            data, _ = prepare_dataset(eval_dataset, self.tokenizer, self.args, "eval")
+        if data is None:
             return {}
+        return {"global_step": self.state["global_step"],
+                **{f"{metric_key_prefix}_{k}": v for k, v in self._evaluate(data).items()}}
+
+    @torch.no_grad()
+    def _evaluate(self, data) -> dict:
+        a = self.args
         self.engines.policy.eval()
         train_window = self.window.clone()
         acc = MeanAccumulator()
-        order = epoch_order(len(self.eval_data), 0, a.seed, shuffle=False, drop_last=False)
-        loader, weights = self._loader(self.eval_data, order, a.per_device_eval_batch_size)
+        order = epoch_order(len(data), 0, a.seed, shuffle=False, drop_last=False)
+        loader, weights = self._loader(data, order, a.per_device_eval_batch_size)
         batches = zip(loader, weights)
         if _rank() == 0 and not a.disable_tqdm:
             from tqdm.auto import tqdm
@@ -356,22 +387,26 @@ class DPOTrainer:
         totals = acc.reduce()
         self.window.copy_(train_window)
         self.engines.policy.train()
-        return {"global_step": self.state["global_step"], **{f"eval_{k}": v for k, v in totals.items()}}
+        return totals
 
     # ----------------------------------------------------------------- saving
     def save(self, step: int) -> Path:
         client = {**self.state, "rng": _rng_state()}
-        # Inside the checkpoint directory before checkpoint.save marks it complete.
-        self.reference.save(Path(self.args.output_dir) / f"checkpoint-{step}")
+        folder = Path(self.args.output_dir) / f"checkpoint-{step}"
+        # Inside the checkpoint directory before checkpoint.save marks it complete: the reference's state, and
+        # the model directory transformers writes into every checkpoint (`pipeline(model=checkpoint-N)` loads it).
+        self.reference.save(folder)
+        self.save_model(str(folder))
         return checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit)
 
-    def export(self, out_dir: Optional[str] = None) -> Path:
-        """Save the policy in Hugging Face format (collective: call on every rank).
+    def save_model(self, output_dir: Optional[str] = None) -> Path:
+        """TRL's `trainer.save_model()`: the policy and tokenizer in Hugging Face format, by default in
+        `output_dir` itself. Collective: call on every rank (ZeRO-3 gathers the 16-bit weights, rank 0 writes).
 
         A LoRA policy is saved twice: its adapter in PEFT's format under `adapter/`, and merged into the
         base weights as a plain model.
         """
-        out = out_dir or os.path.join(self.args.output_dir, "final")
+        out = output_dir or self.args.output_dir
         if is_peft_model(self.model):
             return export_peft(self.engines.policy, self.model, self.tokenizer, out)
         return checkpoint.export_hf(self.engines.policy, self.model, self.tokenizer, out)
@@ -413,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         distributed.init()
         trainer = DPOTrainer(args=args)
         trainer.train()
-        out = trainer.export()
+        out = trainer.save_model()
         trainer.close()
         if _rank() == 0:
             print(f"dpo_ds: done; model saved to {out}")

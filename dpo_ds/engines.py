@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -37,6 +38,8 @@ class PreferenceModel(nn.Module):
     def __init__(self, model: nn.Module, temperature: float = 1.0, softcap: Optional[float] = None):
         super().__init__()
         self.model = model
+        # The architecture's own load-balancing loss, the one its ...ForCausalLM.forward computes.
+        self._load_balancing_loss = _load_balancing_loss_func(model)
         self.temperature = temperature
         self.softcap = softcap if softcap is not None else getattr(model.config, "final_logit_softcapping", None)
         head = model.get_output_embeddings()
@@ -54,7 +57,8 @@ class PreferenceModel(nn.Module):
         with_stats: bool = True,
         with_log_sum_sq_probs: bool = False,
         token_index: Optional[torch.Tensor] = None,
-    ) -> LogProbs:
+        with_aux_loss: bool = False,
+    ):
         """Per-token outputs of shape [S, T-1] for the next-token labels of S sequences.
 
         Padded batch: input_ids, attention_mask, completion_mask are all [S, T].
@@ -64,6 +68,8 @@ class PreferenceModel(nn.Module):
         token t of sequence s, whose completion_mask [S, T] is the padded one.
         Position t of the result scores token t+1 of sequence s; positions
         outside the completion are 0. Only completion positions reach the LM head.
+        With `with_aux_loss` (a mixture-of-experts model) the result is `(LogProbs, aux_loss)`: the
+        router load-balancing loss the model's own causal-LM forward returns as `aux_loss`.
         """
         if position_ids is None:
             # Correct positions under left padding too (right padding gives 0..T-1 on real tokens).
@@ -73,9 +79,11 @@ class PreferenceModel(nn.Module):
             # Eager attention adds the mask to the scores.
             attention_mask = torch.zeros(attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device) \
                 .masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        extra = {"output_router_logits": True} if with_aux_loss else {}
+        decoded = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+        )
+        hidden = decoded.last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if token_index is None:
             token_index = torch.arange(input_ids.numel(), device=input_ids.device).view(input_ids.shape)
@@ -94,8 +102,14 @@ class PreferenceModel(nn.Module):
             with_mean_logits=with_stats,
             with_log_sum_sq_probs=with_log_sum_sq_probs,
         )
-        return LogProbs(*(None if t is None else torch.zeros(scored.shape, dtype=t.dtype, device=t.device)
-                          .masked_scatter(scored, t) for t in out))
+        logps = LogProbs(*(None if t is None else torch.zeros(scored.shape, dtype=t.dtype, device=t.device)
+                           .masked_scatter(scored, t) for t in out))
+        if not with_aux_loss:
+            return logps
+        # The padding mask of a padded batch; a packed batch has only real tokens.
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        return logps, self._load_balancing_loss(decoded.router_logits, self.model.num_experts,
+                                                self.model.num_experts_per_tok, mask)
 
 
 @dataclass
@@ -112,6 +126,31 @@ class Engines:
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _load_balancing_loss_func(model: nn.Module):
+    """The module-level `load_balancing_loss_func` of the model's (PEFT-unwrapped) modeling file, if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+
+
+def router_aux_loss_coef(args, model: nn.Module) -> float:
+    """TRL's weight of a mixture-of-experts model's router load-balancing loss; 0 = not added.
+
+    Unset (None) takes the model config's own `router_aux_loss_coef`; a model is MoE when its config has
+    `output_router_logits`. A coefficient for a dense model is refused, as TRL refuses it.
+    """
+    config = model.config.get_text_config()
+    coef = getattr(args, "router_aux_loss_coef", None)
+    moe = hasattr(config, "output_router_logits")
+    if coef and not moe:
+        raise ValueError(f"router_aux_loss_coef={coef}: {type(model).__name__} is not a mixture-of-experts model "
+                         "that returns router logits, so there is no auxiliary loss to weight")
+    coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if moe and coef and _load_balancing_loss_func(model) is None:
+        raise ValueError(f"router_aux_loss_coef={coef}: {type(model).__name__}'s module has no "
+                         "load_balancing_loss_func to compute the auxiliary loss with")
+    return float(coef) if moe else 0.0
 
 
 def _offloads_optimizer(ds_config: dict) -> bool:

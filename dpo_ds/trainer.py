@@ -25,7 +25,7 @@ from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
 from .distributed import on_cpu, rank as _rank, world_size as _world
-from .engines import Engines, build_policy_engine, export_peft, load_for_engine
+from .engines import Engines, build_policy_engine, export_peft, load_for_engine, router_aux_loss_coef
 from .losses import compute_loss
 from .metrics import MeanAccumulator, MetricsSink, pair_metrics, token_metrics
 from .models import (adapter_base_path, disable_dropout, is_peft_model, load_model, load_policy_model, load_tokenizer,
@@ -123,6 +123,7 @@ class DPOTrainer:
         ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
         policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
         self.model = policy_model
+        self.aux_loss_coef = router_aux_loss_coef(a, policy_model)
         policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
 
         ref_source = ref_model if ref_model is not None else (
@@ -178,17 +179,29 @@ class DPOTrainer:
         inputs = inputs_for(batch, a, self.engines.policy.device)
         # The reference first: an adapter-switching reference must not run between the policy's forward and backward.
         ref = self.reference.pair_logps(inputs, batch.get("row_index"), "train" if train else "eval")
-        out = self.engines.policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting)
+        out = self.engines.policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting,
+                                  with_aux_loss=bool(self.aux_loss_coef))
+        out, aux_loss = out if self.aux_loss_coef else (out, None)
         mask = inputs["completion_mask"][:, 1:].to(torch.float32)
         pol = pair_logps(out.logps, mask, a.ld_alpha, out.log_sum_sq_probs)
         loss_out = compute_loss(a, pol, ref)
         self._add_metrics(acc, loss_out, pol, out, mask, weights)
+        if aux_loss is not None:
+            self._add_aux_loss(acc, aux_loss, weights)
         self.window += torch.stack([(batch["attention_mask"].float() * weights.repeat(2).unsqueeze(1)).sum(),
                                     weights.sum()])
         if not train:
             return None
         # Padding slots carry no weight in the loss either.
-        return (loss_out.per_pair * weights).sum() / weights.sum().clamp(min=1)
+        loss = (loss_out.per_pair * weights).sum() / weights.sum().clamp(min=1)
+        return loss if aux_loss is None else loss + self.aux_loss_coef * aux_loss
+
+    def _add_aux_loss(self, acc: MeanAccumulator, aux_loss: torch.Tensor, weights: torch.Tensor) -> None:
+        """TRL's MoE metrics: `aux_loss`, the mean over micro-batches and ranks, and `loss` including
+        `router_aux_loss_coef * aux_loss` (added once per pair, so the pair-weighted mean carries it once)."""
+        aux = aux_loss.detach().to(torch.float64)
+        acc.add("aux_loss", aux, 1.0)
+        acc.add("loss", self.aux_loss_coef * aux * weights.sum(), 0.0)
 
     @staticmethod
     def _add_metrics(acc, loss_out, pol, out, mask, weights) -> None:

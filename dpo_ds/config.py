@@ -48,7 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "save_strategy": ("no", "steps", "epoch", "best"),
     "logging_strategy": ("no", "steps", "epoch"),
     "hub_strategy": ("end", "every_save", "checkpoint", "all_checkpoints"),
-    "report_to": ("tensorboard", "wandb", "trackio", "none"),
+    "report_to": ("tensorboard", "wandb", "trackio", "all", "none"),
 }
 
 # Fields that must be >= 1 when set (None allowed where the type is Optional).
@@ -389,8 +389,8 @@ class DPOConfig:
             if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
                 interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
                 _fail(name, value, f"a number in {interval}")
-        if self.report_to and "none" in self.report_to:
-            _fail("report_to", self.report_to, "either none alone or a list of tensorboard, wandb, trackio")
+        if len(self.report_to) > 1 and {"none", "all"} & set(self.report_to):
+            _fail("report_to", self.report_to, "either none or all alone, or a list of tensorboard, wandb, trackio")
         for name in ("chat_template_path", "deepspeed"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):

@@ -173,45 +173,97 @@ def load_for_engine(load_fn, ds_config: dict):
     return load_fn(), None
 
 
-def make_optimizer(params, args, ds_config: dict) -> Optional[torch.optim.Optimizer]:
-    """AdamW from DPOConfig unless the JSON brings its own "optimizer" section."""
+# offload_optimizer runs the optimizer step on the CPU: DeepSpeed's own CPU kernels for these `optim` names.
+_CPU_OFFLOAD_OPTIMIZERS = {"adamw_torch": "adam", "adamw_torch_fused": "adam", "adagrad": "adagrad",
+                           "lion_32bit": "lion"}
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """transformers' two groups: weight decay on every trainable weight except biases and norms."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, module))
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(module: nn.Module, args, ds_config: dict) -> Optional[torch.optim.Optimizer]:
+    """The optimizer named by `optim`, built as transformers builds it (`Trainer.get_optimizer_cls_and_kwargs`:
+    `optim_args`, `adam_*`, `weight_decay` with transformers' decay groups), unless the JSON brings its own
+    "optimizer" section. With `offload_optimizer` the step runs on the CPU: DeepSpeed's CPU Adam/Adagrad/Lion."""
     if "optimizer" in ds_config:
         return None
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                  weight_decay=args.weight_decay)
+    groups = _param_groups(module, args.weight_decay)
     if _offloads_optimizer(ds_config):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        kind = _CPU_OFFLOAD_OPTIMIZERS.get(args.optim)
+        if kind is None:
+            raise ValueError(f"optim={args.optim!r} has no DeepSpeed CPU kernel for offload_optimizer; use one of "
+                             f"{sorted(_CPU_OFFLOAD_OPTIMIZERS)}, or give the DeepSpeed JSON an \"optimizer\" section")
+        kwargs = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
+        if kind == "adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    # One fused kernel per step instead of foreach's passes over every state tensor, as transformers'
-    # default optimizer ("adamw_torch_fused") does; the fused kernel exists on CPU and CUDA.
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, fused=fused, **kwargs)
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, betas=(args.adam_beta1, args.adam_beta2),
+                                    eps=args.adam_epsilon, **kwargs)
+        if kind == "adagrad":
+            from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+            return DeepSpeedCPUAdagrad(groups, eps=args.adam_epsilon, **kwargs)
+        from deepspeed.ops.lion import DeepSpeedCPULion
+
+        return DeepSpeedCPULion(groups, betas=(args.adam_beta1, args.adam_beta2), **kwargs)
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, getattr(module, "model", module))
+    return optimizer_cls(groups, **kwargs)
 
 
-def make_scheduler(optimizer, args, ds_config: dict, total_steps: int, warmup_steps: int):
-    """transformers' schedule named by `lr_scheduler_type`, unless the JSON brings a "scheduler"."""
-    if "scheduler" in ds_config:
+# transformers steps these with an evaluation metric after each evaluation, not at every optimizer step.
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+
+def make_scheduler(args, ds_config: dict, total_steps: int, warmup_steps: int):
+    """transformers' schedule named by `lr_scheduler_type` with `lr_scheduler_kwargs` (its `get_scheduler`),
+    for DeepSpeed to step, unless the JSON brings a "scheduler" or the schedule follows a metric."""
+    if "scheduler" in ds_config or args.lr_scheduler_type in METRIC_SCHEDULERS:
         return None
     from transformers import get_scheduler
 
     return lambda opt: get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=warmup_steps,
-                                     num_training_steps=total_steps)
+                                     num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+
+def metric_scheduler(engine, args, ds_config: dict):
+    """`reduce_lr_on_plateau`/`greedy` on the engine's optimizer (None for any other schedule): the trainer
+    steps it with `metric_for_best_model` after each evaluation, as transformers' Trainer does."""
+    if "scheduler" in ds_config or args.lr_scheduler_type not in METRIC_SCHEDULERS:
+        return None
+    from transformers import get_scheduler
+
+    return get_scheduler(args.lr_scheduler_type, engine.basic_optimizer,
+                         scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> None:
+    """transformers' `gradient_checkpointing_enable` with `gradient_checkpointing_kwargs`; unset, the
+    non-reentrant variant (ZeRO-3 needs it)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def build_policy_engine(model: nn.Module, args, ds_config: dict, total_steps: int, warmup_steps: int):
     """Wrap the (possibly already partitioned) policy in a training engine."""
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
     module = PreferenceModel(model, temperature=args.temperature, softcap=args.logit_softcap)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=params,
-        optimizer=optimizer,
-        lr_scheduler=make_scheduler(optimizer, args, ds_config, total_steps, warmup_steps),
+        optimizer=make_optimizer(module, args, ds_config),
+        lr_scheduler=make_scheduler(args, ds_config, total_steps, warmup_steps),
         config=ds_config,
     )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:

@@ -169,6 +169,7 @@ def test_list_flags_space_and_comma_separated():
     assert parse_args(["--lora_target_modules", "none"]).lora_target_modules is None
     assert parse_args(["--report_to", "tensorboard", "wandb"]).report_to == ["tensorboard", "wandb"]
     assert parse_args(["--report_to", "none"]).report_to == []
+    assert parse_args(["--report_to", "all"]).report_to == ["all"]  # every installed tracker (dpo_ds.metrics)
     c = parse_args(["--loss_type", "sigmoid", "sft", "--loss_weights", "0.8,0.2"])
     assert c.loss_type == ["sigmoid", "sft"] and c.loss_weights == [0.8, 0.2]
 
@@ -247,7 +248,7 @@ def test_flag_without_value():
     (["--beta", "high"], r"'beta' = 'high': expected a number"),
     (["--bf16=maybe"], r"'bf16' = 'maybe': expected true or false"),
     (["--truncation_mode", "middle"], r"'truncation_mode' = 'middle': expected one of keep_start, keep_end"),
-    (["--report_to", "mlflow"], r"'report_to' = 'mlflow': expected one of tensorboard, wandb, trackio, none"),
+    (["--report_to", "mlflow"], r"'report_to' = 'mlflow': expected one of tensorboard, wandb, trackio, all, none"),
 ])
 def test_bad_value_names_key_value_and_allowed(argv, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -321,7 +322,7 @@ def test_precompute_batch_size_positive():
     ({"ref_model_mixup_alpha": 1.2}, "'ref_model_mixup_alpha'"),
     ({"max_grad_norm": -1.0}, "'max_grad_norm'"),
     ({"warmup_steps": -3}, "'warmup_steps'"),
-    ({"report_to": ["none", "wandb"]}, "'report_to'.*none alone"),
+    ({"report_to": ["none", "wandb"]}, "'report_to'.*none or all alone"),
     ({"chat_template_path": "/nonexistent/t.jinja"}, "'chat_template_path'.*existing file"),
     ({"deepspeed": "/nonexistent/ds.json"}, "'deepspeed'.*existing file"),
     ({"resume_from_checkpoint": "/nonexistent/ckpt"}, "'resume_from_checkpoint'.*auto"),

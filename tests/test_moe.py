@@ -50,3 +50,23 @@ def test_router_aux_loss_coef_follows_trl():
     assert router_aux_loss_coef(SimpleNamespace(router_aux_loss_coef=None), dense) == 0.0
     with pytest.raises(ValueError, match="router_aux_loss_coef=0.5: LlamaForCausalLM is not a mixture-of-experts"):
         router_aux_loss_coef(SimpleNamespace(router_aux_loss_coef=0.5), dense)
+
+
+@pytest.mark.slow
+def test_trainer_adds_and_logs_the_aux_loss(tmp_path, builtin_tokenizer):
+    """Step 1 (policy == reference, so the DPO loss is ln 2): loss = ln 2 + 0.5 * aux_loss, and the logged
+    aux_loss is the one the model's own forward gives on the step's batch."""
+    from test_trainer import ENV, write_learnable_data
+
+    model = tiny_moe("mixtral")
+    model.resize_token_embeddings(len(builtin_tokenizer))
+    model.save_pretrained(tmp_path / "mixtral")
+    builtin_tokenizer.save_pretrained(tmp_path / "mixtral")
+    data = write_learnable_data(tmp_path / "prefs.jsonl", 4, seed=2)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "moe_probe.py"), str(tmp_path / "mixtral"),
+                           str(data), str(tmp_path / "out")], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = json.loads((tmp_path / "out" / "moe_probe.json").read_text())
+    assert got["logged"]["aux_loss"] == pytest.approx(got["own_aux_loss"], rel=1e-5)
+    assert got["logged"]["loss"] == pytest.approx(math.log(2) + 0.5 * got["own_aux_loss"], rel=1e-5)

@@ -225,18 +225,23 @@ def test_export_loads_in_transformers_and_matches_engine(tmp_path, tiny_model_di
 
 
 @pytest.mark.slow
-def test_trl_api_positional_model_save_model_evaluate_and_resume(tmp_path, tiny_model_dir):
+def test_trl_api_positional_model_save_model_evaluate_push_and_resume(tmp_path, tiny_model_dir):
     """TRL's calls from Python, one process: `DPOTrainer("dir", train_dataset=...)`, `save_model()` into
-    output_dir, `evaluate(eval_dataset=...)` (one dataset or a dict) and `train(resume_from_checkpoint=True)`."""
+    output_dir, `evaluate(eval_dataset=...)` (one dataset or a dict), `push_to_hub()` offline and
+    `train(resume_from_checkpoint=True)`."""
     data = write_learnable_data(tmp_path / "prefs.jsonl", 22, seed=1)
     out = tmp_path / "api"
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "trainer_api_probe.py"), tiny_model_dir,
-                           str(data), str(out)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
+                           str(data), str(out)], cwd=tmp_path, env={**ENV, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     got = json.loads((out / "api_probe.json").read_text())
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+    # push_to_hub offline: a clear error naming the repository (output_dir's name) and the local copy.
+    assert got["push_error"].startswith("HubPushError: push_to_hub: uploading") and "'api'" in got["push_error"]
+    assert f"the model is saved locally in {out}" in got["push_error"]
     assert got["losses"]["1"] == pytest.approx(math.log(2), abs=1e-6)
     # The same rows given to evaluate() score exactly as the eval split given at construction.
     assert got["eval_given"] == pytest.approx(got["eval"], abs=1e-6) and "eval_loss" in got["eval"]

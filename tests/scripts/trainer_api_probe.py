@@ -29,6 +29,10 @@ first.save_model()
 results = {"losses": losses, "eval": first.evaluate(),
            "eval_given": first.evaluate(eval_dataset=held_out),
            "eval_dict": first.evaluate(eval_dataset={"small": held_out.select(range(2))}, metric_key_prefix="test")}
+try:  # HF_HUB_OFFLINE=1: the upload fails after the local save
+    first.push_to_hub()
+except Exception as exc:
+    results["push_error"] = f"{type(exc).__name__}: {exc}"
 second = DPOTrainer(model_dir, args=config(), train_dataset=train)
 results["resumed_losses"] = {h["global_step"]: h["loss"] for h in second.train(resume_from_checkpoint=True)["history"]}
 with open(f"{out}/api_probe.json", "w") as f:

@@ -140,7 +140,7 @@ class DPOConfig:
     simpo_gamma: float = 0.5
     """Target reward margin of SimPO (divided by beta inside the loss)."""
     cpo_alpha: float = 1.0
-    """Weight of the NLL term on chosen completions for loss_type cpo and simpo (as TRL's CPO trainer); 0 = pure SimPO."""
+    """Weight of the chosen-completion NLL term for loss_type cpo and simpo (as TRL's CPO trainer); 0 = pure SimPO."""
     discopop_tau: float = 0.05
     """Temperature of the DiscoPOP log-ratio modulation."""
     temperature: float = 1.0

@@ -50,24 +50,50 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / COMPLETE).exists()]
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict, save_total_limit: Optional[int]) -> Path:
-    """Collective: every rank writes its shards; rank 0 then marks the checkpoint complete."""
+def save(engine, output_dir: str | Path, step: int, client_state: dict, save_total_limit: Optional[int],
+         best: Optional[str] = None, model_only: bool = False) -> Path:
+    """Collective: every rank writes its shards; rank 0 then marks the checkpoint complete.
+
+    `model_only` (transformers' `save_only_model`): no DeepSpeed state at all, only the model directory the
+    caller wrote into the checkpoint; such a checkpoint cannot be resumed. `best` is never rotated away.
+    """
     root = Path(output_dir)
     tag = f"checkpoint-{step}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if not model_only:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     _barrier()
     if _rank() == 0:
-        if is_replicated(engine):
+        if is_replicated(engine) and not model_only:
             # A replicated optimizer's state is keyed by position: keep the names to convert it later.
             _atomic_write(root / tag / OPTIMIZER_PARAM_NAMES, json.dumps(optimizer_param_names(engine)))
-        layout = {"zero_stage": engine.zero_optimization_stage(), "world_size": world_size()}
-        _atomic_write(root / tag / COMPLETE, json.dumps({"step": step, **layout}))
+        marker = {"step": step, "zero_stage": engine.zero_optimization_stage(), "world_size": world_size()}
+        if model_only:
+            marker[MODEL_ONLY] = True
+        _atomic_write(root / tag / COMPLETE, json.dumps(marker))
         _atomic_write(root / "latest", tag)
-        if save_total_limit:
-            for old in complete_checkpoints(root)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        rotate(root, save_total_limit, best)
     _barrier()
     return root / tag
+
+
+MODEL_ONLY = "model_only"  # the COMPLETE marker's key of a save_only_model checkpoint
+
+
+def rotate(root: Path, save_total_limit: Optional[int], best: Optional[str]) -> None:
+    """transformers' `rotate_checkpoints`: delete the oldest complete checkpoints beyond `save_total_limit`,
+    never the newest (to resume from) nor the best (`load_best_model_at_end`), so up to 2 may stay with a limit
+    of 1."""
+    if not save_total_limit:
+        return
+    found = complete_checkpoints(root)
+    protected = {found[-1].name, Path(best).name if best else None} - {None} if found else set()
+    keep, remaining = max(save_total_limit, len(protected)), len(found)
+    for old in found:
+        if remaining <= keep:
+            break
+        if old.name not in protected:
+            shutil.rmtree(old, ignore_errors=True)
+            remaining -= 1
 
 
 def resolve_resume(spec: Optional[str], output_dir: str | Path) -> Optional[Path]:
@@ -76,13 +102,17 @@ def resolve_resume(spec: Optional[str], output_dir: str | Path) -> Optional[Path
         return None
     if spec == "auto":
         found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / COMPLETE).exists():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={spec!r}: not a complete checkpoint directory (no {COMPLETE} marker); "
-            f"complete ones in {output_dir}: {[p.name for p in complete_checkpoints(output_dir)]}"
-        )
+        path = found[-1] if found else None
+    else:
+        path = Path(spec)
+        if not (path / COMPLETE).exists():
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={spec!r}: not a complete checkpoint directory (no {COMPLETE} marker); "
+                f"complete ones in {output_dir}: {[p.name for p in complete_checkpoints(output_dir)]}"
+            )
+    if path is not None and json.loads((path / COMPLETE).read_text() or "{}").get(MODEL_ONLY):
+        raise ValueError(f"resume_from_checkpoint: {path} was saved with save_only_model=True: it holds the model "
+                         "only, without the optimizer, scheduler and RNG states a resume needs")
     return path
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import yaml
+from transformers.trainer_utils import SchedulerType
+from transformers.training_args import OptimizerNames
 
 
 class ConfigError(ValueError):
@@ -40,9 +42,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "padding_side": ("right", "left"),
     "on_bad_row": ("error", "skip"),
     "ref_offload": ("auto", "none", "cpu", "nvme"),
-    "lr_scheduler_type": ("linear", "cosine", "constant", "constant_with_warmup"),
-    "eval_strategy": ("no", "steps"),
-    "report_to": ("tensorboard", "wandb", "trackio", "none"),
+    "lr_scheduler_type": tuple(s.value for s in SchedulerType),
+    "optim": tuple(o.value for o in OptimizerNames),
+    "eval_strategy": ("no", "steps", "epoch"),
+    "save_strategy": ("no", "steps", "epoch", "best"),
+    "logging_strategy": ("no", "steps", "epoch"),
+    "hub_strategy": ("end", "every_save", "checkpoint", "all_checkpoints"),
+    "report_to": ("tensorboard", "wandb", "trackio", "all", "none"),
 }
 
 # Fields that must be >= 1 when set (None allowed where the type is Optional).
@@ -50,7 +56,7 @@ POSITIVE_INTS = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "ref_model_sync_steps",
     "lora_r", "lora_alpha", "dataset_num_proc", "max_length", "max_prompt_length",
-    "max_completion_length", "pad_to_multiple_of", "precompute_ref_batch_size",
+    "max_completion_length", "pad_to_multiple_of", "precompute_ref_batch_size", "torch_empty_cache_steps",
 )
 
 
@@ -129,12 +135,12 @@ class DPOConfig:
     """LD-DPO weight of completion tokens beyond the shorter completion's length, in [0, 1]; None = off."""
     f_divergence_type: str = "reverse_kl"
     """f-divergence regularizer: reverse_kl, forward_kl, js_divergence or alpha_divergence."""
-    f_alpha_divergence_coef: float = 1.0
+    f_alpha_divergence_coef: float = 0.5
     """Alpha of the alpha-divergence regularizer (f_divergence_type=alpha_divergence)."""
     simpo_gamma: float = 0.5
     """Target reward margin of SimPO (divided by beta inside the loss)."""
     cpo_alpha: float = 1.0
-    """Weight of the NLL term in CPO/SimPO-style losses."""
+    """Weight of the chosen-completion NLL term for loss_type cpo and simpo (as TRL's CPO trainer); 0 = pure SimPO."""
     discopop_tau: float = 0.05
     """Temperature of the DiscoPOP log-ratio modulation."""
     temperature: float = 1.0
@@ -202,7 +208,7 @@ class DPOConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 = no clipping."""
     lr_scheduler_type: str = "linear"
-    """Learning-rate schedule after warmup: linear, cosine, constant or constant_with_warmup."""
+    """Learning-rate schedule after warmup: any transformers SchedulerType (linear, cosine, cosine_with_min_lr, ...)."""
     warmup_ratio: float = 0.0
     """Fraction of the training steps spent warming up linearly from 0 (used when warmup_steps is 0)."""
     warmup_steps: int = 0
@@ -216,7 +222,57 @@ class DPOConfig:
     eval_steps: Optional[int] = None
     """Optimizer steps between evaluations; None = logging_steps."""
     eval_strategy: str = "steps"
-    """When to evaluate: no or steps."""
+    """When to evaluate: no, steps (every eval_steps) or epoch."""
+    evaluation_strategy: Optional[str] = None
+    """Old transformers spelling of eval_strategy; when set, it is copied into eval_strategy."""
+    optim: str = "adamw_torch_fused"
+    """Optimizer, by transformers' name (adamw_torch, adamw_torch_fused, adafactor, sgd, rmsprop, adamw_bnb_8bit, ...)."""
+    optim_args: Optional[str] = None
+    """Extra optimizer arguments as "key=value,key=value" (transformers' optim_args)."""
+    lr_scheduler_kwargs: Optional[dict] = None
+    """Extra keyword arguments of the learning-rate schedule (e.g. {"min_lr_rate": 0.1}), as a mapping or a JSON object."""
+    save_strategy: str = "steps"
+    """When to save a checkpoint: no, steps (every save_steps), epoch, or best (whenever metric_for_best_model improves)."""
+    logging_strategy: str = "steps"
+    """When to log metrics: no, steps (every logging_steps) or epoch."""
+    logging_first_step: bool = False
+    """Also log the metrics of the first optimizer step."""
+    eval_on_start: bool = False
+    """Evaluate once before the first training step (a sanity check of the eval path)."""
+    load_best_model_at_end: bool = False
+    """Keep the checkpoint with the best metric_for_best_model and export it as the final model."""
+    metric_for_best_model: Optional[str] = None
+    """Metric that ranks checkpoints (e.g. eval_loss or eval_rewards/accuracies); None = eval_loss when needed."""
+    greater_is_better: Optional[bool] = None
+    """Whether a larger metric_for_best_model is better; None = false for names ending in loss, else true."""
+    save_only_model: bool = False
+    """Checkpoints hold only the model (no optimizer, scheduler or RNG state): smaller, but cannot resume."""
+    gradient_checkpointing_kwargs: Optional[dict] = None
+    """Keyword arguments of gradient_checkpointing_enable (e.g. {"use_reentrant": false}), as a mapping or JSON."""
+    data_seed: Optional[int] = None
+    """Seed of the data order only; None = seed."""
+    dataloader_num_workers: int = 0
+    """Worker processes that collate batches; 0 = in the training process."""
+    tf32: Optional[bool] = None
+    """Allow TF32 matmuls on Ampere and newer GPUs; None = torch's setting."""
+    torch_empty_cache_steps: Optional[int] = None
+    """Optimizer steps between torch accelerator empty_cache calls; None = never."""
+    router_aux_loss_coef: Optional[float] = None
+    """Weight of a mixture-of-experts model's router auxiliary loss; None = the model config's own coefficient."""
+    ref_model_init_kwargs: Optional[dict] = None
+    """from_pretrained keyword arguments of the reference model; None = model_init_kwargs."""
+    dataset_streaming: bool = False
+    """Stream the dataset (an iterable dataset, so a dataset larger than memory trains)."""
+    push_to_hub: bool = False
+    """Upload the final model (and checkpoints, per hub_strategy) to the Hugging Face Hub."""
+    hub_model_id: Optional[str] = None
+    """Hub repository to push to; None = the last part of output_dir."""
+    hub_strategy: str = "every_save"
+    """What is pushed and when: end, every_save, checkpoint or all_checkpoints."""
+    hub_private_repo: Optional[bool] = None
+    """Create the hub repository as private; None = the organization's default."""
+    hub_token: Optional[str] = None
+    """Hub token; None = the one huggingface_hub finds (HF_TOKEN, the cached login)."""
     save_steps: Optional[int] = 500
     """Optimizer steps between checkpoints; none = no checkpoints during training (the final export still happens)."""
     save_total_limit: Optional[int] = None
@@ -248,6 +304,7 @@ class DPOConfig:
         hints = _type_hints()
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self._fold_evaluation_strategy()
         if self.report_to == ["none"]:
             self.report_to = []
         self._check_values()
@@ -291,6 +348,18 @@ class DPOConfig:
         """Read a YAML config written by `save` (or by hand)."""
         return cls(**_read_yaml(path))
 
+    def _fold_evaluation_strategy(self) -> None:
+        """transformers' old name evaluation_strategy sets eval_strategy, unless both are set differently."""
+        old = self.evaluation_strategy
+        if old is None:
+            return
+        default = next(f.default for f in dataclasses.fields(self) if f.name == "eval_strategy")
+        if self.eval_strategy not in (default, old):
+            raise ConfigError(f"evaluation_strategy={old!r} and eval_strategy={self.eval_strategy!r} disagree: set "
+                              "only eval_strategy (evaluation_strategy is its old name)",
+                              "evaluation_strategy", "eval_strategy")
+        self.eval_strategy, self.evaluation_strategy = old, None
+
     def _check_values(self) -> None:
         for name, allowed in CHOICES.items():
             values = getattr(self, name)
@@ -329,8 +398,8 @@ class DPOConfig:
             if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
                 interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
                 _fail(name, value, f"a number in {interval}")
-        if self.report_to and "none" in self.report_to:
-            _fail("report_to", self.report_to, "either none alone or a list of tensorboard, wandb, trackio")
+        if len(self.report_to) > 1 and {"none", "all"} & set(self.report_to):
+            _fail("report_to", self.report_to, "either none or all alone, or a list of tensorboard, wandb, trackio")
         for name in ("chat_template_path", "deepspeed"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):

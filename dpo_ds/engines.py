@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -37,6 +38,8 @@ class PreferenceModel(nn.Module):
     def __init__(self, model: nn.Module, temperature: float = 1.0, softcap: Optional[float] = None):
         super().__init__()
         self.model = model
+        # The architecture's own load-balancing loss, the one its ...ForCausalLM.forward computes.
+        self._load_balancing_loss = _load_balancing_loss_func(model)
         self.temperature = temperature
         self.softcap = softcap if softcap is not None else getattr(model.config, "final_logit_softcapping", None)
         head = model.get_output_embeddings()
@@ -54,7 +57,8 @@ class PreferenceModel(nn.Module):
         with_stats: bool = True,
         with_log_sum_sq_probs: bool = False,
         token_index: Optional[torch.Tensor] = None,
-    ) -> LogProbs:
+        with_aux_loss: bool = False,
+    ):
         """Per-token outputs of shape [S, T-1] for the next-token labels of S sequences.
 
         Padded batch: input_ids, attention_mask, completion_mask are all [S, T].
@@ -64,6 +68,8 @@ class PreferenceModel(nn.Module):
         token t of sequence s, whose completion_mask [S, T] is the padded one.
         Position t of the result scores token t+1 of sequence s; positions
         outside the completion are 0. Only completion positions reach the LM head.
+        With `with_aux_loss` (a mixture-of-experts model) the result is `(LogProbs, aux_loss)`: the
+        router load-balancing loss the model's own causal-LM forward returns as `aux_loss`.
         """
         if position_ids is None:
             # Correct positions under left padding too (right padding gives 0..T-1 on real tokens).
@@ -73,9 +79,11 @@ class PreferenceModel(nn.Module):
             # Eager attention adds the mask to the scores.
             attention_mask = torch.zeros(attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device) \
                 .masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+        extra = {"output_router_logits": True} if with_aux_loss else {}
+        decoded = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+        )
+        hidden = decoded.last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if token_index is None:
             token_index = torch.arange(input_ids.numel(), device=input_ids.device).view(input_ids.shape)
@@ -94,8 +102,14 @@ class PreferenceModel(nn.Module):
             with_mean_logits=with_stats,
             with_log_sum_sq_probs=with_log_sum_sq_probs,
         )
-        return LogProbs(*(None if t is None else torch.zeros(scored.shape, dtype=t.dtype, device=t.device)
-                          .masked_scatter(scored, t) for t in out))
+        logps = LogProbs(*(None if t is None else torch.zeros(scored.shape, dtype=t.dtype, device=t.device)
+                           .masked_scatter(scored, t) for t in out))
+        if not with_aux_loss:
+            return logps
+        # The padding mask of a padded batch; a packed batch has only real tokens.
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        return logps, self._load_balancing_loss(decoded.router_logits, self.model.num_experts,
+                                                self.model.num_experts_per_tok, mask)
 
 
 @dataclass
@@ -112,6 +126,31 @@ class Engines:
 
 def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _load_balancing_loss_func(model: nn.Module):
+    """The module-level `load_balancing_loss_func` of the model's (PEFT-unwrapped) modeling file, if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+
+
+def router_aux_loss_coef(args, model: nn.Module) -> float:
+    """TRL's weight of a mixture-of-experts model's router load-balancing loss; 0 = not added.
+
+    Unset (None) takes the model config's own `router_aux_loss_coef`; a model is MoE when its config has
+    `output_router_logits`. A coefficient for a dense model is refused, as TRL refuses it.
+    """
+    config = model.config.get_text_config()
+    coef = getattr(args, "router_aux_loss_coef", None)
+    moe = hasattr(config, "output_router_logits")
+    if coef and not moe:
+        raise ValueError(f"router_aux_loss_coef={coef}: {type(model).__name__} is not a mixture-of-experts model "
+                         "that returns router logits, so there is no auxiliary loss to weight")
+    coef = getattr(config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    if moe and coef and _load_balancing_loss_func(model) is None:
+        raise ValueError(f"router_aux_loss_coef={coef}: {type(model).__name__}'s module has no "
+                         "load_balancing_loss_func to compute the auxiliary loss with")
+    return float(coef) if moe else 0.0
 
 
 def _offloads_optimizer(ds_config: dict) -> bool:
@@ -134,45 +173,97 @@ def load_for_engine(load_fn, ds_config: dict):
     return load_fn(), None
 
 
-def make_optimizer(params, args, ds_config: dict) -> Optional[torch.optim.Optimizer]:
-    """AdamW from DPOConfig unless the JSON brings its own "optimizer" section."""
+# offload_optimizer runs the optimizer step on the CPU: DeepSpeed's own CPU kernels for these `optim` names.
+_CPU_OFFLOAD_OPTIMIZERS = {"adamw_torch": "adam", "adamw_torch_fused": "adam", "adagrad": "adagrad",
+                           "lion_32bit": "lion"}
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """transformers' two groups: weight decay on every trainable weight except biases and norms."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, module))
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(module: nn.Module, args, ds_config: dict) -> Optional[torch.optim.Optimizer]:
+    """The optimizer named by `optim`, built as transformers builds it (`Trainer.get_optimizer_cls_and_kwargs`:
+    `optim_args`, `adam_*`, `weight_decay` with transformers' decay groups), unless the JSON brings its own
+    "optimizer" section. With `offload_optimizer` the step runs on the CPU: DeepSpeed's CPU Adam/Adagrad/Lion."""
     if "optimizer" in ds_config:
         return None
-    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                  weight_decay=args.weight_decay)
+    groups = _param_groups(module, args.weight_decay)
     if _offloads_optimizer(ds_config):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        kind = _CPU_OFFLOAD_OPTIMIZERS.get(args.optim)
+        if kind is None:
+            raise ValueError(f"optim={args.optim!r} has no DeepSpeed CPU kernel for offload_optimizer; use one of "
+                             f"{sorted(_CPU_OFFLOAD_OPTIMIZERS)}, or give the DeepSpeed JSON an \"optimizer\" section")
+        kwargs = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
+        if kind == "adam":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
-    # One fused kernel per step instead of foreach's passes over every state tensor, as transformers'
-    # default optimizer ("adamw_torch_fused") does; the fused kernel exists on CPU and CUDA.
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(params, fused=fused, **kwargs)
+            return DeepSpeedCPUAdam(groups, adamw_mode=True, betas=(args.adam_beta1, args.adam_beta2),
+                                    eps=args.adam_epsilon, **kwargs)
+        if kind == "adagrad":
+            from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+            return DeepSpeedCPUAdagrad(groups, eps=args.adam_epsilon, **kwargs)
+        from deepspeed.ops.lion import DeepSpeedCPULion
+
+        return DeepSpeedCPULion(groups, betas=(args.adam_beta1, args.adam_beta2), **kwargs)
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, getattr(module, "model", module))
+    return optimizer_cls(groups, **kwargs)
 
 
-def make_scheduler(optimizer, args, ds_config: dict, total_steps: int, warmup_steps: int):
-    """transformers' schedule named by `lr_scheduler_type`, unless the JSON brings a "scheduler"."""
-    if "scheduler" in ds_config:
+# transformers steps these with an evaluation metric after each evaluation, not at every optimizer step.
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")
+
+
+def make_scheduler(args, ds_config: dict, total_steps: int, warmup_steps: int):
+    """transformers' schedule named by `lr_scheduler_type` with `lr_scheduler_kwargs` (its `get_scheduler`),
+    for DeepSpeed to step, unless the JSON brings a "scheduler" or the schedule follows a metric."""
+    if "scheduler" in ds_config or args.lr_scheduler_type in METRIC_SCHEDULERS:
         return None
     from transformers import get_scheduler
 
     return lambda opt: get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=warmup_steps,
-                                     num_training_steps=total_steps)
+                                     num_training_steps=total_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+
+def metric_scheduler(engine, args, ds_config: dict):
+    """`reduce_lr_on_plateau`/`greedy` on the engine's optimizer (None for any other schedule): the trainer
+    steps it with `metric_for_best_model` after each evaluation, as transformers' Trainer does."""
+    if "scheduler" in ds_config or args.lr_scheduler_type not in METRIC_SCHEDULERS:
+        return None
+    from transformers import get_scheduler
+
+    return get_scheduler(args.lr_scheduler_type, engine.basic_optimizer,
+                         scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+
+
+def enable_gradient_checkpointing(model: nn.Module, kwargs: Optional[dict]) -> None:
+    """transformers' `gradient_checkpointing_enable` with `gradient_checkpointing_kwargs`; unset, the
+    non-reentrant variant (ZeRO-3 needs it)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def build_policy_engine(model: nn.Module, args, ds_config: dict, total_steps: int, warmup_steps: int):
     """Wrap the (possibly already partitioned) policy in a training engine."""
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs)
     module = PreferenceModel(model, temperature=args.temperature, softcap=args.logit_softcap)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args, ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=params,
-        optimizer=optimizer,
-        lr_scheduler=make_scheduler(optimizer, args, ds_config, total_steps, warmup_steps),
+        optimizer=make_optimizer(module, args, ds_config),
+        lr_scheduler=make_scheduler(args, ds_config, total_steps, warmup_steps),
         config=ds_config,
     )
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:

@@ -35,7 +35,7 @@ LABEL_SMOOTHING_LOSS_TYPES = frozenset({"sigmoid", "robust", "exo_pair", "aot", 
 # Losses that divide summed log-probs by completion lengths.
 LENGTH_LOSS_TYPES = frozenset({"ipo", "sigmoid_norm", "simpo", "orpo", "sft"})
 # Losses that carry their own chosen-NLL term, added by `compute_loss`.
-NLL_LOSS_TYPES = frozenset({"cpo", "orpo"})
+NLL_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo"})
 # Losses that sort over the batch, so per-pair weights would be misaligned.
 SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
@@ -94,7 +94,8 @@ def preference_loss(
       :math:`m = \sigma(z/\tau)`: :math:`-(1-m)\log\sigma(z) + m e^{-z}`.
     - ``sft``: the mean negative log-likelihood over all chosen tokens of the batch, repeated per pair.
     - ``sigmoid_norm``: DPO on per-token scores: :math:`-\log\sigma(\beta(s_w/|y_w| - s_l/|y_l|))`.
-    - ``simpo``: SimPO, Meng et al., arXiv:2405.14734, Eq. 6, smoothed like cDPO:
+    - ``simpo``: SimPO, Meng et al., arXiv:2405.14734, Eq. 6, smoothed like cDPO (its ``cpo_alpha`` NLL term,
+      as in TRL's CPO trainer, is added by :func:`compute_loss`; ``cpo_alpha=0`` is the paper's SimPO):
       :math:`-\log\sigma(\beta(\log\pi(y_w)/|y_w| - \log\pi(y_l)/|y_l|) - \gamma)`.
     - ``cpo``: CPO, Xu et al., arXiv:2401.08417, Eq. 3 (its NLL term is added by :func:`compute_loss`):
       :math:`-\log\sigma(\beta(\log\pi(y_w) - \log\pi(y_l)))`.
@@ -316,9 +317,10 @@ def compute_loss(
 
     ``per_pair = sum_k w_k * (wpo * loss_k + c_k * nll) + rpo_alpha * nll`` where ``w_k`` are
     ``loss_weights`` (several loss types = MPO, arXiv:2411.10442), ``nll = -chosen / chosen_lengths``
-    (RPO, Pang et al., arXiv:2404.19733), ``c_k`` is ``cpo_alpha`` for cpo, 1 for orpo and 0 otherwise,
-    and ``wpo = min(1, exp(chosen_wpo + rejected_wpo))``, detached, when ``use_weighting`` (WPO, Zhou et
-    al., arXiv:2406.11827, Eq. 2), else 1. ``bco_delta`` is BCO's reward shift (see :class:`RunningMean`).
+    (RPO, Pang et al., arXiv:2404.19733), ``c_k`` is ``cpo_alpha`` for simpo and cpo (as TRL's CPO trainer
+    adds it to both), 1 for orpo and 0 otherwise, and ``wpo = exp(chosen_wpo + rejected_wpo)``, detached,
+    when ``use_weighting`` (WPO, Zhou et al., arXiv:2406.11827, Eq. 2; unclamped, as in TRL 1.16), else 1.
+    ``bco_delta`` is BCO's reward shift (see :class:`RunningMean`).
     """
     validate_loss_args(args)
     loss_types = _loss_type_list(args)
@@ -333,7 +335,7 @@ def compute_loss(
     if getattr(args, "use_weighting", False):
         if policy.chosen_wpo is None or policy.rejected_wpo is None:
             raise ValueError("use_weighting=True needs PairLogps.chosen_wpo and PairLogps.rejected_wpo")
-        weights = torch.exp(policy.chosen_wpo + policy.rejected_wpo).clamp(max=1.0).detach()
+        weights = torch.exp(policy.chosen_wpo + policy.rejected_wpo).detach()
     nll = -policy.chosen / _clamped(policy.chosen_lengths, policy.chosen)
 
     options = dict(
@@ -348,7 +350,8 @@ def compute_loss(
         reference_free=reference_free,
         bco_delta=bco_delta,
     )
-    nll_weights = {"cpo": getattr(args, "cpo_alpha", 1.0), "orpo": 1.0}
+    cpo_alpha = getattr(args, "cpo_alpha", 1.0)
+    nll_weights = {"simpo": cpo_alpha, "cpo": cpo_alpha, "orpo": 1.0}
     per_pair = torch.zeros_like(policy.chosen)
     for loss_type, loss_weight in zip(loss_types, loss_weights):
         term = weights * preference_loss(

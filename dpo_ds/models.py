@@ -419,3 +419,16 @@ def _cast_adapters(model: Any) -> None:
     for name, param in model.named_parameters():
         if "lora_" in name and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def reference_args(args: Any) -> Any:
+    """The config the reference model is loaded with: TRL's `ref_model_init_kwargs` replace
+    `model_init_kwargs` (None = the policy's own)."""
+    ref_kwargs = getattr(args, "ref_model_init_kwargs", None)
+    if ref_kwargs is None:
+        return args
+    import copy
+
+    ref_args = copy.copy(args)
+    ref_args.model_init_kwargs = dict(ref_kwargs)
+    return ref_args

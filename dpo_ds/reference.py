@@ -385,7 +385,7 @@ def run_precompute(args) -> dict[str, Path]:
     from .config import load_deepspeed_config, reference_deepspeed_config
     from .data import load_preference_data
     from .models import adapter_base_path, disable_dropout, load_model, load_policy_model, load_tokenizer
-    from .models import resolve_model_path
+    from .models import reference_args, resolve_model_path
     from .packing import inputs_for
 
     tokenizer = load_tokenizer(args.model_name_or_path, args)
@@ -398,7 +398,8 @@ def run_precompute(args) -> dict[str, Path]:
                                                                         num_training_steps=1), on_cpu=on_cpu())
 
     def load():
-        model = load_model(source, args) if args.ref_model_name_or_path else load_policy_model(source, args)
+        model = load_model(source, reference_args(args)) if args.ref_model_name_or_path \
+            else load_policy_model(source, args)
         if args.disable_dropout:
             disable_dropout(model)
         return model

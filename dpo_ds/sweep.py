@@ -434,7 +434,8 @@ def sweep(opts: SweepOptions) -> list[dict]:
         record = summarize(combo, outcome, run_dir, run_dir / "log.txt", opts.steps)
         record["estimate"] = _estimate(args, shapes[args.model_name_or_path, args.trust_remote_code], gpus)
         record["log"] = os.path.relpath(record["log"], opts.out)
-        shutil.rmtree(run_dir / "final", ignore_errors=True)  # the exported model is not needed
+        for weights in run_dir.glob("model*.safetensors*"):  # the saved model is not needed
+            weights.unlink()
         print(f"    {record['status']}: " + (f"{record['tokens_per_second']:.1f} tokens/s"
                                              if record["status"] == "ok" else record.get("error", "")), flush=True)
         records.append(record)

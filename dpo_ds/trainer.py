@@ -18,18 +18,20 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, Subset
 
-from . import checkpoint, preemption
+from . import checkpoint, hub, preemption
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
 from .distributed import on_cpu, rank as _rank, world_size as _world
-from .engines import Engines, build_policy_engine, export_peft, load_for_engine
+from .engines import (METRIC_SCHEDULERS, Engines, build_policy_engine, export_peft, load_for_engine, metric_scheduler,
+                      router_aux_loss_coef)
 from .losses import compute_loss
 from .metrics import MeanAccumulator, MetricsSink, pair_metrics, token_metrics
 from .models import (adapter_base_path, disable_dropout, is_peft_model, load_model, load_policy_model, load_tokenizer,
-                     resolve_model_path)
+                     reference_args, resolve_model_path)
 from .packing import inputs_for
 from .reference import build_reference, pair_logps
 
@@ -51,6 +53,46 @@ def _grad_norm(engine) -> float:
     grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads \
         else 0.0
+
+
+def _best_metric(args: DPOConfig) -> tuple[Optional[str], bool]:
+    """transformers' defaults: the eval metric that ranks checkpoints (`eval_loss` when `load_best_model_at_end`
+    or `save_strategy: best` name none; None = no ranking) and whether larger is better (not for a *loss)."""
+    metric = args.metric_for_best_model or ("loss" if args.load_best_model_at_end or args.save_strategy == "best"
+                                            or args.lr_scheduler_type in METRIC_SCHEDULERS else None)
+    if metric is None:
+        return None, False
+    greater = args.greater_is_better if args.greater_is_better is not None else not metric.endswith("loss")
+    return (metric if metric.startswith("eval_") else f"eval_{metric}"), greater
+
+
+def _check_strategies(args: DPOConfig) -> None:
+    """transformers' checks of how evaluation, saving and the best model fit together, before anything loads."""
+    needs_eval = args.load_best_model_at_end or args.save_strategy == "best" \
+        or args.lr_scheduler_type in METRIC_SCHEDULERS
+    if needs_eval and args.eval_strategy == "no":
+        raise ValueError("load_best_model_at_end, save_strategy=best and lr_scheduler_type=reduce_lr_on_plateau/greedy "
+                         "need evaluations: set eval_strategy to steps or epoch")
+    if args.load_best_model_at_end and args.save_strategy != "best":
+        if args.save_strategy != args.eval_strategy:
+            raise ValueError(f"load_best_model_at_end needs save_strategy == eval_strategy (got save_strategy="
+                             f"{args.save_strategy!r}, eval_strategy={args.eval_strategy!r})")
+        if args.save_strategy == "steps" and (not args.save_steps or args.save_steps % args.eval_steps):
+            raise ValueError(f"load_best_model_at_end needs save_steps ({args.save_steps}) to be a multiple of "
+                             f"eval_steps ({args.eval_steps})")
+    if args.load_best_model_at_end and args.save_only_model:
+        raise ValueError("save_only_model cannot be combined with load_best_model_at_end under DeepSpeed "
+                         "(as in transformers): the best model is restored from the DeepSpeed state")
+
+
+def _set_tf32(tf32: Optional[bool]) -> None:
+    """transformers' `tf32`: TF32 matmuls and convolutions on or off (None leaves torch's setting)."""
+    if tf32 is None:
+        return
+    if tf32 and not torch.cuda.is_available():
+        raise ValueError("tf32=True needs a CUDA GPU (Ampere or newer); set tf32 to false or leave it unset")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def seed_everything(seed: int) -> None:
@@ -96,11 +138,18 @@ class DPOTrainer:
         self.args = args or DPOConfig()
         self.peft_config = peft_config
         a = self.args
+        _check_strategies(a)
         seed_everything(a.seed)
+        self._data_seed = a.seed if a.data_seed is None else a.data_seed
+        _set_tf32(a.tf32)
         model = model if model is not None else a.model_name_or_path
         model_path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
         self.tokenizer = processing_class or load_tokenizer(model_path or "builtin", a)
         self.train_data, self.eval_data, self.data_reports = self._datasets(train_dataset, eval_dataset)
+        if self.eval_data is None and (_best_metric(a)[0] is not None and a.eval_strategy != "no"):
+            raise ValueError("load_best_model_at_end / save_strategy=best / metric_for_best_model / "
+                             f"lr_scheduler_type={a.lr_scheduler_type} rank evaluations, but there is no eval "
+                             "dataset (eval_dataset=None and no eval split)")
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, padding_side=a.padding_side,
                                            pad_to_multiple_of=a.pad_to_multiple_of)
 
@@ -123,6 +172,7 @@ class DPOTrainer:
         ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
         policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
         self.model = policy_model
+        self.aux_loss_coef = router_aux_loss_coef(a, policy_model)
         policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
 
         ref_source = ref_model if ref_model is not None else (
@@ -137,11 +187,15 @@ class DPOTrainer:
         # The policy's ZeRO settings stay the ones transformers sees during training.
         _, handle = load_for_engine(lambda: None, ds_config)
         self.engines = Engines(policy, reference, ds_config, ref_ds if reference is not None else None, handle)
+        self.metric_scheduler = metric_scheduler(policy, a, ds_config)
 
         # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
         self.window = torch.zeros(2, dtype=torch.float64)
         # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
-        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0}
+        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "best_metric": None,
+                      "best_model_checkpoint": None}
+        self._last_eval: dict = {}
+        self._best_metric_name, self._greater_is_better = _best_metric(a)
         self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
             if _rank() == 0 else None
 
@@ -166,7 +220,7 @@ class DPOTrainer:
 
             model = copy.deepcopy(source)
         else:
-            model = load_model(source, a) if fresh else load_policy_model(source, a, self.peft_config)
+            model = load_model(source, reference_args(a)) if fresh else load_policy_model(source, a, self.peft_config)
         if a.disable_dropout:
             disable_dropout(model)
         return model
@@ -178,17 +232,29 @@ class DPOTrainer:
         inputs = inputs_for(batch, a, self.engines.policy.device)
         # The reference first: an adapter-switching reference must not run between the policy's forward and backward.
         ref = self.reference.pair_logps(inputs, batch.get("row_index"), "train" if train else "eval")
-        out = self.engines.policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting)
+        out = self.engines.policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting,
+                                  with_aux_loss=bool(self.aux_loss_coef))
+        out, aux_loss = out if self.aux_loss_coef else (out, None)
         mask = inputs["completion_mask"][:, 1:].to(torch.float32)
         pol = pair_logps(out.logps, mask, a.ld_alpha, out.log_sum_sq_probs)
         loss_out = compute_loss(a, pol, ref)
         self._add_metrics(acc, loss_out, pol, out, mask, weights)
+        if aux_loss is not None:
+            self._add_aux_loss(acc, aux_loss, weights)
         self.window += torch.stack([(batch["attention_mask"].float() * weights.repeat(2).unsqueeze(1)).sum(),
                                     weights.sum()])
         if not train:
             return None
         # Padding slots carry no weight in the loss either.
-        return (loss_out.per_pair * weights).sum() / weights.sum().clamp(min=1)
+        loss = (loss_out.per_pair * weights).sum() / weights.sum().clamp(min=1)
+        return loss if aux_loss is None else loss + self.aux_loss_coef * aux_loss
+
+    def _add_aux_loss(self, acc: MeanAccumulator, aux_loss: torch.Tensor, weights: torch.Tensor) -> None:
+        """TRL's MoE metrics: `aux_loss`, the mean over micro-batches and ranks, and `loss` including
+        `router_aux_loss_coef * aux_loss` (added once per pair, so the pair-weighted mean carries it once)."""
+        aux = aux_loss.detach().to(torch.float64)
+        acc.add("aux_loss", aux, 1.0)
+        acc.add("loss", self.aux_loss_coef * aux * weights.sum(), 0.0)
 
     @staticmethod
     def _add_metrics(acc, loss_out, pol, out, mask, weights) -> None:
@@ -206,19 +272,36 @@ class DPOTrainer:
 
     def _loader(self, data, indices: list[int], batch_size: int) -> DataLoader:
         real = [i if i >= 0 else 0 for i in indices]
-        loader = DataLoader(Subset(data, real), batch_size=batch_size, collate_fn=self.collator, shuffle=False)
+        loader = DataLoader(Subset(data, real), batch_size=batch_size, collate_fn=self.collator, shuffle=False,
+                            num_workers=self.args.dataloader_num_workers)
         valid = torch.tensor([1.0 if i >= 0 else 0.0 for i in indices])
         return loader, valid.split(batch_size)
 
     # ----------------------------------------------------------------- loop
-    def train(self) -> dict:
+    def _resume_path(self, spec: str | bool | None) -> Optional[Path]:
+        """transformers' meaning: a checkpoint path, True = the newest complete checkpoint in output_dir (an
+        error when there is none), False = none; None falls back to `args.resume_from_checkpoint`."""
+        a = self.args
+        spec = a.resume_from_checkpoint if spec is None else spec
+        if spec is True:
+            found = checkpoint.resolve_resume("auto", a.output_dir)
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint=True: no complete checkpoint in {a.output_dir}")
+            return found
+        return checkpoint.resolve_resume(spec or None, a.output_dir)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> dict:
+        """Train to `max_steps` (or `num_train_epochs`), resuming from `resume_from_checkpoint` as transformers
+        does. Returns the logged training rows (`history`) and the final evaluation (`eval`)."""
         a = self.args
         policy = self.engines.policy
-        resume = checkpoint.resolve_resume(a.resume_from_checkpoint, a.output_dir)
+        resume = self._resume_path(resume_from_checkpoint)
         if resume is not None:
             client = checkpoint.load(policy, resume)
             self.reference.load(resume)
-            self.state.update({k: client[k] for k in self.state})
+            self.state.update({k: client.get(k, v) for k, v in self.state.items()})
+            if self.metric_scheduler is not None and "metric_scheduler" in client:
+                self.metric_scheduler.load_state_dict(client["metric_scheduler"])
             _set_rng_state(client["rng"])
             logger.info("resumed from %s at step %d", resume, self.state["global_step"])
         preemption.install()
@@ -231,10 +314,12 @@ class DPOTrainer:
         micro_per_epoch = self.steps_per_epoch * a.gradient_accumulation_steps
         last_log_time, last_log_step = time.perf_counter(), self.state["global_step"]
         history = []
+        if a.eval_on_start and self.state["global_step"] == 0:
+            self._log(self.evaluate(), bar)
         while self.state["global_step"] < self.total_steps:
             done, per_micro = self.state["samples_in_epoch"], a.per_device_train_batch_size * _world()
-            order = epoch_order(len(self.train_data), self.state["epoch"], a.seed, shuffle=True, drop_last=True,
-                                start=done)
+            order = epoch_order(len(self.train_data), self.state["epoch"], self._data_seed, shuffle=True,
+                                drop_last=True, start=done)
             order = order[: max(0, micro_per_epoch * per_micro - done) // per_micro * a.per_device_train_batch_size]
             loader, weights = self._loader(self.train_data, order, a.per_device_train_batch_size)
             for batch, w in zip(loader, weights):
@@ -256,7 +341,9 @@ class DPOTrainer:
                 grad_norm = policy.get_global_grad_norm()
                 grad_norm = unpartitioned_norm if grad_norm is None else grad_norm
                 acc.add("grad_norm", float(grad_norm) if grad_norm is not None else float("nan"), 1.0)
-                if step % a.logging_steps == 0 or step == self.total_steps:
+                epoch_end = self.state["samples_in_epoch"] >= micro_per_epoch * per_micro
+                if self._due("logging", step, epoch_end) or (step == 1 and a.logging_first_step) \
+                        or (step == self.total_steps and a.logging_strategy != "no"):
                     now = time.perf_counter()
                     metrics = self._finish_window(acc, now - last_log_time, step - last_log_step)
                     last_log_time, last_log_step = now, step
@@ -266,22 +353,64 @@ class DPOTrainer:
                 if bar is not None:
                     bar.update(1)
                 preemption.stop_if_requested(step, self.save, policy.device)
-                if a.eval_strategy != "no" and a.eval_steps and step % a.eval_steps == 0 and step < self.total_steps:
-                    self._log(self.evaluate(), bar)
-                if a.save_steps and step % a.save_steps == 0:
-                    self.save(step)
+                self._evaluate_and_save(step, epoch_end, bar)
+                if a.torch_empty_cache_steps and step % a.torch_empty_cache_steps == 0:
+                    get_accelerator().empty_cache()
                 if step >= self.total_steps:
                     break
             else:
                 self.state["epoch"] += 1
                 self.state["samples_in_epoch"] = 0
-        final = {}
-        if a.eval_strategy != "no" and self.eval_data is not None:
+        final = self._last_eval if self._last_eval.get("global_step") == self.state["global_step"] else {}
+        if not final and a.eval_strategy != "no" and self.eval_data is not None:
             final = self.evaluate()
             self._log(final, bar)
+        if a.load_best_model_at_end and self.state["best_model_checkpoint"]:
+            # As transformers under DeepSpeed: the best checkpoint's DeepSpeed state back into the engine.
+            checkpoint.load(policy, Path(self.state["best_model_checkpoint"]))
+            logger.info("loaded the best model (%s = %s) from %s", self._best_metric_name,
+                        self.state["best_metric"], self.state["best_model_checkpoint"])
         if bar is not None:
             bar.close()
         return {"history": history, "eval": final}
+
+    def _due(self, event: str, step: int, epoch_end: bool) -> bool:
+        """transformers' `<event>_strategy`: "steps" every `<event>_steps` optimizer steps, "epoch" at each
+        epoch's end, "no" never ("best" saving is decided by the evaluation, in `_evaluate_and_save`)."""
+        strategy, every = getattr(self.args, f"{event}_strategy"), getattr(self.args, f"{event}_steps")
+        if strategy == "steps":
+            return bool(every) and step % every == 0
+        return strategy == "epoch" and epoch_end
+
+    def _evaluate_and_save(self, step: int, epoch_end: bool, bar) -> None:
+        """Evaluate, then checkpoint, when their strategies say so, as transformers orders them: the checkpoint
+        saved at an evaluation's step is the one that evaluation scores for `load_best_model_at_end`."""
+        a = self.args
+        new_best = False
+        if self._due("eval", step, epoch_end) and self.eval_data is not None:
+            self._last_eval = self.evaluate()
+            self._log(self._last_eval, bar)
+            new_best = self._track_best(self._last_eval)
+            if self.metric_scheduler is not None:
+                self.metric_scheduler.step(self._last_eval[self._best_metric_name])
+        if self._due("save", step, epoch_end) or (a.save_strategy == "best" and new_best):
+            if new_best:
+                self.state["best_model_checkpoint"] = str(Path(a.output_dir) / f"checkpoint-{step}")
+            self.save(step)
+
+    def _track_best(self, metrics: dict) -> bool:
+        """Record `metric_for_best_model` when it improves (in `greater_is_better`'s direction)."""
+        name = self._best_metric_name
+        if name is None:
+            return False
+        if name not in metrics:
+            raise ValueError(f"metric_for_best_model={self.args.metric_for_best_model!r}: the evaluation has no "
+                             f"{name!r}; it reports {sorted(k for k in metrics if k != 'global_step')}")
+        value, best = metrics[name], self.state["best_metric"]
+        better = best is None or (value > best if self._greater_is_better else value < best)
+        if better:
+            self.state["best_metric"] = value
+        return better
 
     def _finish_window(self, acc: MeanAccumulator, seconds: float, steps: int) -> dict:
         """Reduce the window's metrics across ranks and add the throughput figures."""
@@ -335,17 +464,34 @@ class DPOTrainer:
 
         return tqdm(total=self.total_steps, initial=self.state["global_step"], desc="dpo", dynamic_ncols=True)
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """The training metrics on the eval split, prefixed `eval_`; exact across ranks."""
-        a = self.args
-        if self.eval_data is None:
+    def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """TRL's `trainer.evaluate()`: the training metrics on the eval split (or on `eval_dataset`: a raw
+        preference dataset, or a dict of them, each reported as `{metric_key_prefix}_{name}_*`), prefixed
+        `{metric_key_prefix}_`; exact across ranks. Collective."""
+        if isinstance(eval_dataset, dict):
+            results = {"global_step": self.state["global_step"]}
+            for name, dataset in eval_dataset.items():
+                results.update(self.evaluate(dataset, f"{metric_key_prefix}_{name}"))
+            return results
+        data = self.eval_data
+        if eval_dataset is not None:
+            if self.args.precompute_ref_log_probs:
+                raise ValueError("evaluate(eval_dataset=...): the reference log-probs were precomputed for the "
+                                 "datasets given at construction only; pass this one as eval_dataset to DPOTrainer")
+            data, _ = prepare_dataset(eval_dataset, self.tokenizer, self.args, "eval")
+        if data is None:
             return {}
+        return {"global_step": self.state["global_step"],
+                **{f"{metric_key_prefix}_{k}": v for k, v in self._evaluate(data).items()}}
+
+    @torch.no_grad()
+    def _evaluate(self, data) -> dict:
+        a = self.args
         self.engines.policy.eval()
         train_window = self.window.clone()
         acc = MeanAccumulator()
-        order = epoch_order(len(self.eval_data), 0, a.seed, shuffle=False, drop_last=False)
-        loader, weights = self._loader(self.eval_data, order, a.per_device_eval_batch_size)
+        order = epoch_order(len(data), 0, a.seed, shuffle=False, drop_last=False)
+        loader, weights = self._loader(data, order, a.per_device_eval_batch_size)
         batches = zip(loader, weights)
         if _rank() == 0 and not a.disable_tqdm:
             from tqdm.auto import tqdm
@@ -356,25 +502,51 @@ class DPOTrainer:
         totals = acc.reduce()
         self.window.copy_(train_window)
         self.engines.policy.train()
-        return {"global_step": self.state["global_step"], **{f"eval_{k}": v for k, v in totals.items()}}
+        return totals
 
     # ----------------------------------------------------------------- saving
     def save(self, step: int) -> Path:
         client = {**self.state, "rng": _rng_state()}
-        # Inside the checkpoint directory before checkpoint.save marks it complete.
-        self.reference.save(Path(self.args.output_dir) / f"checkpoint-{step}")
-        return checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit)
+        if self.metric_scheduler is not None:
+            client["metric_scheduler"] = self.metric_scheduler.state_dict()
+        folder = Path(self.args.output_dir) / f"checkpoint-{step}"
+        # Inside the checkpoint directory before checkpoint.save marks it complete: the reference's state, and
+        # the model directory transformers writes into every checkpoint (`pipeline(model=checkpoint-N)` loads it).
+        self.reference.save(folder)
+        self.save_model(str(folder))
+        saved = checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit,
+                                best=self.state["best_model_checkpoint"], model_only=self.args.save_only_model)
+        if self.args.push_to_hub and _rank() == 0:
+            try:
+                hub.push_checkpoint(self.args, saved)
+            except hub.HubPushError as exc:  # training goes on; the final push_to_hub reports the failure
+                logger.warning("%s", exc)
+        return saved
 
-    def export(self, out_dir: Optional[str] = None) -> Path:
-        """Save the policy in Hugging Face format (collective: call on every rank).
+    def save_model(self, output_dir: Optional[str] = None) -> Path:
+        """TRL's `trainer.save_model()`: the policy and tokenizer in Hugging Face format, by default in
+        `output_dir` itself. Collective: call on every rank (ZeRO-3 gathers the 16-bit weights, rank 0 writes).
 
         A LoRA policy is saved twice: its adapter in PEFT's format under `adapter/`, and merged into the
         base weights as a plain model.
         """
-        out = out_dir or os.path.join(self.args.output_dir, "final")
+        out = output_dir or self.args.output_dir
         if is_peft_model(self.model):
             return export_peft(self.engines.policy, self.model, self.tokenizer, out)
         return checkpoint.export_hf(self.engines.policy, self.model, self.tokenizer, out)
+
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    token: Optional[str] = None, revision: Optional[str] = None,
+                    private: Optional[bool] = None) -> Optional[str]:
+        """TRL's `trainer.push_to_hub()`: save the model into `output_dir`, then upload `output_dir` (without its
+        checkpoints) to `hub_model_id` (default: output_dir's name). Collective; rank 0 uploads and returns the
+        repository id. Uploads always block here (`blocking` is accepted for TRL's signature). A failed upload
+        raises `HubPushError` after the local save, so the trained model is kept."""
+        self.save_model()
+        if _rank() != 0:
+            return None
+        return hub.upload(self.args, self.args.output_dir, commit_message=commit_message or "End of training",
+                          token=token, revision=revision, private=private)
 
     def close(self) -> None:
         if self.sink is not None:
@@ -413,7 +585,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         distributed.init()
         trainer = DPOTrainer(args=args)
         trainer.train()
-        out = trainer.export()
+        if args.push_to_hub:  # saves into output_dir first: a failed upload keeps the model
+            trainer.push_to_hub()
+        else:
+            trainer.save_model()
+        out = args.output_dir
         trainer.close()
         if _rank() == 0:
             print(f"dpo_ds: done; model saved to {out}")

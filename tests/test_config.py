@@ -5,7 +5,10 @@ import math
 from pathlib import Path
 
 import pytest
+import trl
 import yaml
+from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy, SchedulerType
+from transformers.training_args import OptimizerNames
 
 from dpo_ds.config import (
     DEFAULT_DEEPSPEED_CONFIG,
@@ -166,6 +169,7 @@ def test_list_flags_space_and_comma_separated():
     assert parse_args(["--lora_target_modules", "none"]).lora_target_modules is None
     assert parse_args(["--report_to", "tensorboard", "wandb"]).report_to == ["tensorboard", "wandb"]
     assert parse_args(["--report_to", "none"]).report_to == []
+    assert parse_args(["--report_to", "all"]).report_to == ["all"]  # every installed tracker (dpo_ds.metrics)
     c = parse_args(["--loss_type", "sigmoid", "sft", "--loss_weights", "0.8,0.2"])
     assert c.loss_type == ["sigmoid", "sft"] and c.loss_weights == [0.8, 0.2]
 
@@ -244,7 +248,7 @@ def test_flag_without_value():
     (["--beta", "high"], r"'beta' = 'high': expected a number"),
     (["--bf16=maybe"], r"'bf16' = 'maybe': expected true or false"),
     (["--truncation_mode", "middle"], r"'truncation_mode' = 'middle': expected one of keep_start, keep_end"),
-    (["--report_to", "mlflow"], r"'report_to' = 'mlflow': expected one of tensorboard, wandb, trackio, none"),
+    (["--report_to", "mlflow"], r"'report_to' = 'mlflow': expected one of tensorboard, wandb, trackio, all, none"),
 ])
 def test_bad_value_names_key_value_and_allowed(argv, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -279,7 +283,8 @@ def test_missing_and_invalid_yaml_name_the_file(tmp_path):
 
 @pytest.mark.parametrize("name,value", [
     ("padding_side", "top"), ("on_bad_row", "ignore"), ("ref_offload", "gpu"),
-    ("lr_scheduler_type", "polynomial"), ("eval_strategy", "epoch"), ("truncation_mode", "keep_middle"),
+    ("lr_scheduler_type", "cosine_min"), ("eval_strategy", "best"), ("truncation_mode", "keep_middle"),
+    ("save_strategy", "always"), ("logging_strategy", "best"), ("optim", "adamw"), ("hub_strategy", "never"),
 ])
 def test_choices(name, value):
     with pytest.raises(ConfigError, match=rf"'{name}' = '{value}': expected one of "):
@@ -317,7 +322,7 @@ def test_precompute_batch_size_positive():
     ({"ref_model_mixup_alpha": 1.2}, "'ref_model_mixup_alpha'"),
     ({"max_grad_norm": -1.0}, "'max_grad_norm'"),
     ({"warmup_steps": -3}, "'warmup_steps'"),
-    ({"report_to": ["none", "wandb"]}, "'report_to'.*none alone"),
+    ({"report_to": ["none", "wandb"]}, "'report_to'.*none or all alone"),
     ({"chat_template_path": "/nonexistent/t.jinja"}, "'chat_template_path'.*existing file"),
     ({"deepspeed": "/nonexistent/ds.json"}, "'deepspeed'.*existing file"),
     ({"resume_from_checkpoint": "/nonexistent/ckpt"}, "'resume_from_checkpoint'.*auto"),
@@ -600,3 +605,38 @@ def test_policy_param_offload_below_stage3_is_rejected(tmp_path):
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}))
     with pytest.raises(ConfigError, match="offload_param.*needs stage 3"):
         load_deepspeed_config(DPOConfig(deepspeed=str(path)), world_size=1)
+
+
+@pytest.mark.parametrize("name,values", [
+    ("lr_scheduler_type", [s.value for s in SchedulerType]),
+    ("optim", [o.value for o in OptimizerNames]),
+    ("eval_strategy", [s.value for s in IntervalStrategy]),
+    ("logging_strategy", [s.value for s in IntervalStrategy]),
+    ("save_strategy", [s.value for s in SaveStrategy]),
+    ("hub_strategy", [s.value for s in HubStrategy]),
+])
+def test_every_transformers_value_accepted(name, values):
+    """Each value transformers' own enum allows is a valid value here too (e.g. cosine_with_min_lr, epoch, best)."""
+    for value in values:
+        assert getattr(DPOConfig(**{name: value}), name) == value
+
+
+def test_evaluation_strategy_is_the_old_name_of_eval_strategy():
+    assert DPOConfig(evaluation_strategy="epoch").eval_strategy == "epoch"
+    assert DPOConfig(evaluation_strategy="no", eval_strategy="no").eval_strategy == "no"
+    with pytest.raises(ConfigError, match="evaluation_strategy='no' and eval_strategy='epoch' disagree"):
+        DPOConfig(evaluation_strategy="no", eval_strategy="epoch")
+
+
+def test_trl_training_argument_defaults():
+    """The fields added for the trainer carry TRL 1.16's DPOConfig defaults."""
+    trl_defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(trl.DPOConfig)}
+    ours = DPOConfig()
+    for name in ("optim", "optim_args", "lr_scheduler_kwargs", "save_strategy", "logging_strategy",
+                 "logging_first_step", "eval_on_start", "load_best_model_at_end", "metric_for_best_model",
+                 "greater_is_better", "save_only_model", "gradient_checkpointing_kwargs", "data_seed",
+                 "dataloader_num_workers", "tf32", "torch_empty_cache_steps", "router_aux_loss_coef",
+                 "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
+                 "f_alpha_divergence_coef", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"):
+        assert getattr(ours, name) == trl_defaults[name], name

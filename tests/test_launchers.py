@@ -74,7 +74,7 @@ def assert_two_rank_run(out_dir: Path, steps: int) -> None:
     for r in rows:
         assert r["epoch"] == pytest.approx(r["global_step"] / 16)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert (out_dir / "final" / "model.safetensors").exists()
+    assert (out_dir / "model.safetensors").exists()
 
 
 @pytest.fixture
@@ -222,7 +222,7 @@ def test_slurm_usr1_saves_requeues_and_resumes(tmp_path, tiny_model_dir, slurm):
     rows = [r["global_step"] for r in read_metrics(metrics) if "loss" in r]
     assert sorted(set(rows)) == list(range(1, steps + 1))
     assert rows[-(steps - stopped_at):] == list(range(stopped_at + 1, steps + 1))
-    assert (out_dir / "final" / "model.safetensors").exists()
+    assert (out_dir / "model.safetensors").exists()
 
 
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_model_dir):
@@ -270,7 +270,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_mod
 
     weights = get_fp32_state_dict_from_zero_checkpoint(str(out_dir), tag=saved[0].name)
     assert weights and all(v.isfinite().all() for v in weights.values())
-    assert not (out_dir / "final").exists()
+    assert not (out_dir / "model.safetensors").exists()
 
 
 def local_run(tmp_path: Path, nprocs: int, args: list[str]) -> str:

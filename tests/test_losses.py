@@ -395,16 +395,17 @@ def test_compute_loss_rpo_alpha_adds_chosen_nll():
     assert_close(out.per_pair, [d + 0.5 * x for d, x in zip(reference_losses("sigmoid", *inputs), nll)])
 
 
-def test_compute_loss_wpo_weights_are_clamped_and_detached():
+def test_compute_loss_wpo_weights_are_unclamped_and_detached():
+    """TRL 1.16 multiplies each pair's loss by exp(chosen mean) * exp(rejected mean) with no clamp at 1."""
     policy, ref = pair_logps(seed=18, wpo=True)
-    policy.chosen_wpo[0] = 1.0  # exp(1 + x) > 1: clamped to weight 1
+    policy.chosen_wpo[0] = 1.0  # exp(1 + 0.5) = 4.48: kept, as TRL keeps it
     policy.rejected_wpo[0] = 0.5
     policy.chosen_wpo.requires_grad_()
     out = compute_loss(config(use_weighting=True, rpo_alpha=0.1), policy, ref)
     inputs = lists(policy.chosen, policy.rejected, ref.chosen, ref.rejected, policy.chosen_lengths,
                    policy.rejected_lengths)
-    weights = [min(1.0, math.exp(a + b)) for a, b in zip(policy.chosen_wpo.tolist(), policy.rejected_wpo.tolist())]
-    assert weights[0] == 1.0 and max(weights[1:]) < 1.0
+    weights = [math.exp(a) * math.exp(b) for a, b in zip(policy.chosen_wpo.tolist(), policy.rejected_wpo.tolist())]
+    assert weights[0] == pytest.approx(math.exp(1.5)) and max(weights[1:]) < 1.0
     nll = [-c / n for c, n in zip(inputs[0], inputs[4])]
     expected = [w * d + 0.1 * x for w, d, x in zip(weights, reference_losses("sigmoid", *inputs), nll)]
     assert_close(out.per_pair, expected)
@@ -414,8 +415,8 @@ def test_compute_loss_wpo_weights_are_clamped_and_detached():
         compute_loss(config(use_weighting=True), pair_logps()[0], ref)
 
 
-@pytest.mark.parametrize("kind,nll_weight", [("cpo", 0.3), ("orpo", 1.0)])
-def test_compute_loss_cpo_orpo_nll_terms(kind, nll_weight):
+@pytest.mark.parametrize("kind,nll_weight", [("cpo", 0.3), ("simpo", 0.3), ("orpo", 1.0)])
+def test_compute_loss_cpo_simpo_orpo_nll_terms(kind, nll_weight):
     policy, _ = pair_logps(seed=19)
     out = compute_loss(config(loss_type=kind, cpo_alpha=0.3, beta=0.2), policy, None)
     inputs = lists(policy.chosen, policy.rejected, policy.chosen, policy.rejected, policy.chosen_lengths,

@@ -132,7 +132,7 @@ def test_zero3_lora_with_checkpointing_trains_and_exports_adapter_and_merged_mod
     rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy == reference
     assert rows[-1]["loss"] < rows[0]["loss"]
-    final = tmp_path / "out" / "final"
+    final = tmp_path / "out"
     assert (final / "adapter" / "adapter_config.json").exists()
     # Independent merge: PEFT on CPU, base + saved adapter -> merge_and_unload.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -180,7 +180,7 @@ def test_two_rank_sweep_over_zero_configs_records_an_injected_failure(tmp_path, 
         assert r["step1_loss"] == pytest.approx(math.log(2), abs=1e-6) and r["loss_flag"] is False
         assert r["peak_memory_kind"] == "cpu_peak_rss" and r["peak_memory"] > baseline
         assert r["estimate"]["gpu"] > 0 and r["estimate"]["cpu"] > 0
-        assert (out / r["log"]).is_file() and not (out / r["log"]).parent.joinpath("final").exists()
+        assert (out / r["log"]).is_file() and not (out / r["log"]).parent.joinpath("model.safetensors").exists()
     rows = [line for line in (out / "results.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| config")]
     names = [row.split(" | ")[0][2:] for row in rows]

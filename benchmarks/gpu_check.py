@@ -211,9 +211,15 @@ def step_correctness(ctx: dict) -> dict:
     import xml.etree.ElementTree as ET
 
     junit = Path(ctx["work"]) / "correctness.xml"
-    selection = ["-m", "gpu", "tests"] if gpu_present(ctx["dry_run"]) else ["-m", "not gpu",
-                                                                            "tests/test_ops_device.py"]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *selection]
+    if gpu_present(ctx["dry_run"]):
+        # Only the files that hold gpu tests: others import what the GPU image lacks (gguf, the built-in model).
+        files = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_*.py")
+                       if "mark.gpu" in p.read_text() or "marks=gpu" in p.read_text())
+        selection = ["-m", "gpu", *files]
+    else:
+        selection = ["-m", "not gpu", "tests/test_ops_device.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+           f"--junitxml={junit}", *selection]
     code = subprocess.run(cmd, cwd=REPO, env=child_env()).returncode
     if not junit.exists():
         raise StepFailed(f"pytest exited with code {code} before writing a report", {})

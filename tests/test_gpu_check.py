@@ -51,6 +51,10 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert [r["label"] for r in training["trl"]] == ["trl", "dpo_ds zero3"]
     assert training["trl"][0]["step1_loss"] == pytest.approx(math.log(2), abs=1e-5)
 
+    # The targets are listed, none judged without a GPU.
+    assert len(report["targets"]) == 5 and all(t["met"] is None for t in report["targets"])
+    assert [t["measured"] for t in report["targets"][:4]] == [NO_GPU] * 4
+
     markdown = (tmp_path / "results.md").read_text()
     for heading in ("## Environment", "## Build", "## Correctness", "## Kernels: linear variant",
                     "## Training (dpo_ds)", "## TRL 1.16 vs dpo_ds"):

@@ -9,11 +9,20 @@ RSS (VmHWM, reset through /proc/self/clear_refs once the inputs exist and the
 implementation is imported, its extension loaded) minus its RSS at that point;
 on CUDA, `torch.cuda.max_memory_allocated` minus the memory allocated then.
 Both count the gradients an implementation returns. `max_abs_err` is the
-largest |logp - logp_float64| over the tokens.
+largest |logp - logp_float64| over the tokens. Given the measured ceilings
+(`--bandwidth-gbs`, `--matmul-tflops`), `roofline_pct` is the share of them a
+pass reaches: for the logits variant the fewest bytes a forward + backward
+moves (read the logits twice, write their gradient: 3 N V bytes/element) over
+the bandwidth; for the linear variant its matmul FLOPs (logits, hidden and
+weight gradients: 6 N V H) over the matmul rate.
 
     python benchmarks/logprobs.py                       # CPU: SmolLM2 head, 1024-4096 tokens
     python benchmarks/logprobs.py --device cuda         # H=4096, V=151936, 16384 bf16 tokens
     python benchmarks/logprobs.py --variant logits --json out.json
+    python benchmarks/logprobs.py --device cuda --bandwidth-gbs 4300 --matmul-tflops 790   # + % of roofline
+
+`liger` (CUDA only, when liger-kernel is installed) is Liger's fused linear
+cross-entropy with `reduction="none"`: its per-token losses are -logp.
 """
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ CPU_DEFAULTS = dict(hidden=576, vocab=49152, tokens=[1024, 2048, 4096], dtype="f
 GPU_DEFAULTS = dict(hidden=4096, vocab=151936, tokens=[16384], dtype="bfloat16")
 IMPLS = {
     "cpu": ["naive", "trl_chunked", "torch_ref", "cpp"],
-    "cuda": ["naive", "trl_chunked", "torch_ref", "triton", "cuda"],
+    "cuda": ["naive", "trl_chunked", "liger", "torch_ref", "triton", "cuda"],
 }
 TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 
@@ -93,6 +102,12 @@ def implementation(name: str, variant: str):
                                                TRL_VOCAB_CHUNK, None, 1.0, ())[0]
             return x["hidden"].new_zeros(mask.shape, dtype=out.dtype).masked_scatter(mask, out)
         return trl
+    if name == "liger":
+        if variant == "logits":
+            raise ValueError("liger has no logits variant (its fused head takes hidden states and the weight)")
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return lambda x: -liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["labels"], reduction="none")
     from dpo_ds.ops import cpp, cuda, reference, triton_ops
 
     module = {"torch_ref": reference, "cpp": cpp, "cuda": cuda, "triton": triton_ops}[name]
@@ -164,15 +179,19 @@ def memory_worker(args) -> dict:
 def time_worker(args) -> dict:
     """Own process, all implementations taking turns: median ms of each after one warm-up pass each."""
     inputs, leaves, upstream = _setup(args)
-    names = args.worker_time.split(",")
-    fns = {name: implementation(name, args.variant) for name in names}
-    times = {name: [] for name in names}
+    fns, failed = {}, {}
+    for name in args.worker_time.split(","):
+        try:  # one implementation that cannot load (liger not installed, say) must not cost the others' timings
+            fns[name] = implementation(name, args.variant)
+        except Exception as err:
+            failed[name] = f"{type(err).__name__}: {err}"
+    times = {name: [] for name in fns}
     for round_ in range(args.repeats + 1):
-        for name in names:
-            seconds, _ = _pass(fns[name], inputs, leaves, upstream, args.device)
+        for name, fn in fns.items():
+            seconds, _ = _pass(fn, inputs, leaves, upstream, args.device)
             if round_:
                 times[name].append(seconds)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+    return {**{name: 1000 * statistics.median(t) for name, t in times.items()}, **failed}
 
 
 def _run_worker(args, mode: str, names: str, n: int):
@@ -194,14 +213,29 @@ def measure(args, names: list[str], n: int) -> list[dict]:
         row = dict(name=name, variant=args.variant, tokens=n, dtype=args.dtype, device=args.device,
                    ignore_frac=args.ignore_frac)
         mem = _run_worker(args, "memory", name, n)
-        failure = next((r for r in (timed, mem) if isinstance(r, str)), None)
+        failure = next((r for r in (timed, mem, timed.get(name) if isinstance(timed, dict) else None)
+                        if isinstance(r, str)), None)
         if failure:
             row["error"] = failure
         else:
             row.update(ms=timed[name], **mem)
+            pct = roofline_pct(args, n, row["ms"])
+            if pct is not None:
+                row["roofline_pct"] = pct
         rows.append(row)
         print_row(row, rows)
     return rows
+
+
+def roofline_pct(args, n: int, ms: float) -> float | None:
+    """% of the measured ceiling one forward + backward reaches (see the module docstring); None without it."""
+    seconds = ms / 1e3
+    if args.variant == "logits" and args.bandwidth_gbs:
+        element = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+        return 100 * 3 * n * args.vocab * element / seconds / (args.bandwidth_gbs * 1e9)
+    if args.variant == "linear" and args.matmul_tflops:
+        return 100 * 6 * n * args.vocab * args.hidden / seconds / (args.matmul_tflops * 1e12)
+    return None
 
 
 def print_row(row: dict, rows: list[dict]) -> None:
@@ -210,8 +244,9 @@ def print_row(row: dict, rows: list[dict]) -> None:
         return
     base = next((r for r in rows if r["name"] == "naive" and "ms" in r), None)
     ratio = f"{base['ms'] / row['ms']:6.2f}x {row['peak_mb'] / base['peak_mb']:8.3f}" if base else ""
+    roofline = f"  {row['roofline_pct']:.1f}% of roofline" if "roofline_pct" in row else ""
     print(f"{row['name']:<12} {row['tokens']:>6} {row['ms']:>10.1f} {row['peak_mb']:>9.1f} "
-          f"{row['max_abs_err']:>9.2e}  {ratio}", flush=True)
+          f"{row['max_abs_err']:>9.2e}  {ratio}{roofline}", flush=True)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +263,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (median reported)")
     parser.add_argument("--ignore-frac", type=float, default=0.0, help="fraction of tokens with an ignored label")
+    parser.add_argument("--bandwidth-gbs", type=float, help="measured memory bandwidth: logits-variant roofline")
+    parser.add_argument("--matmul-tflops", type=float, help="measured matmul rate: linear-variant roofline")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker-time", help=argparse.SUPPRESS)
     parser.add_argument("--worker-memory", help=argparse.SUPPRESS)

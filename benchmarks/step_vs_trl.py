@@ -5,6 +5,7 @@
     python benchmarks/step_vs_trl.py --steps 10 --json out.json --markdown out.md
     python benchmarks/step_vs_trl.py --dpo_ds_deepspeed ds_configs/zero2.json
     python benchmarks/step_vs_trl.py --dpo_ds_features prefix_sharing   # one feature row only
+    python benchmarks/step_vs_trl.py --device cuda --model DIR --data pairs.jsonl   # another model and data
 
 The job: SmolLM2-135M-Instruct ("builtin"), sigmoid DPO with beta 0.1, the first
 steps * batch_size standard-format rows of the built-in preference set (TRL
@@ -100,19 +101,20 @@ DEFAULT_FEATURE_ROWS = [f"default:{name}" for name in FEATURES] + ["zero3:prefix
 # ----------------------------------------------------------------------------- workers (one per subprocess)
 
 
-def standard_rows(count: int) -> list[dict]:
-    """The first `count` rows of the built-in train split whose prompt is plain text (standard format)."""
+def standard_rows(count: int, path: Optional[str] = None) -> list[dict]:
+    """The first `count` rows of `path` (JSONL), default the built-in train split, whose prompt is plain text
+    (standard format)."""
     from dpo_ds.builtin import dataset_files
 
     rows = []
-    with open(dataset_files()["train"]) as fh:
+    with open(path or dataset_files()["train"]) as fh:
         for line in fh:
             row = json.loads(line)
             if isinstance(row["prompt"], str):
                 rows.append(row)
                 if len(rows) == count:
                     return rows
-    raise ValueError(f"the built-in train split has only {len(rows)} standard-format rows; "
+    raise ValueError(f"{path or 'the built-in train split'} has only {len(rows)} standard-format rows; "
                      f"steps * batch_size = {count} needs that many")
 
 
@@ -267,7 +269,7 @@ def worker(opts: argparse.Namespace) -> None:
         torch.set_num_threads(opts.threads)
     model_path = resolve_model_path(opts.model)
     load_before = os.getloadavg()[0]
-    rows = standard_rows(opts.steps * opts.batch_size)
+    rows = standard_rows(opts.steps * opts.batch_size, opts.data)
     with tempfile.TemporaryDirectory(prefix="step_vs_trl_") as out_dir:
         run = run_trl if opts.side == "trl" else run_dpo_ds
         result = run(opts, model_path, rows, out_dir)
@@ -285,7 +287,7 @@ def run_worker(side: str, ds: Optional[str], device: str, opts: argparse.Namespa
     name = f"{device}-{side}" + (f"-{Path(ds).stem}" if ds else "") + (f"-{features}" if features else "")
     result, log = os.path.join(log_dir, f"{name}.json"), os.path.join(log_dir, f"{name}.log")
     cmd = [sys.executable, __file__, "--_worker", side, "--_result", result, "--device", device,
-           "--model", opts.model, "--steps", str(opts.steps), "--batch_size", str(opts.batch_size), "--max_length", str(opts.max_length),
+           "--model", opts.model, *(["--data", opts.data] if opts.data else []), "--steps", str(opts.steps), "--batch_size", str(opts.batch_size), "--max_length", str(opts.max_length),
            "--learning_rate", str(opts.learning_rate), "--seed", str(opts.seed)]
     if opts.threads:
         cmd += ["--threads", str(opts.threads)]
@@ -377,6 +379,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer (default 6)")
     p.add_argument("--warmup", type=int, default=2, help="leading steps left out of the median (default 2)")
     p.add_argument("--model", default="builtin", help="model for both sides (default: builtin SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="JSONL of standard-format pairs (default: the built-in preference set)")
     p.add_argument("--batch_size", type=int, default=4, help="preference pairs per step (default 4)")
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--learning_rate", type=float, default=5e-6)
@@ -411,7 +414,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--dpo_ds_features {unknown}: expected none or [SETTING:]FEATURE with FEATURE one of "
                 f"{list(FEATURES)}")
     report: dict[str, Any] = {
-        "config": {k: getattr(opts, k) for k in ("model", "steps", "warmup", "batch_size", "max_length", "learning_rate",
+        "config": {k: getattr(opts, k) for k in ("model", "data", "steps", "warmup", "batch_size", "max_length", "learning_rate",
                                                    "seed", "threads")}
         | {"dpo_ds_deepspeed": settings, "dpo_ds_features": features},
         "dpo_ds_revision": revision(),

@@ -300,6 +300,10 @@ class DPOConfig:
     assistant_only_loss: bool = False
     """Score only assistant-message tokens, from the chat template's {% generation %} mask (conversational rows)."""
 
+    # --- throughput ---
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s of one device, the denominator of mfu; None = a known GPU's datasheet bf16 figure (no mfu on CPU)."""
+
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in dataclasses.fields(self):
@@ -374,6 +378,8 @@ class DPOConfig:
             _fail("max_steps", self.max_steps, "-1 (use num_train_epochs) or an integer >= 1")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             _fail("num_train_epochs", self.num_train_epochs, "a number > 0 (or set max_steps)")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            _fail("peak_tflops", self.peak_tflops, "a number > 0 or none")
         if self.ref_zero_stage not in (None, 0, 1, 2, 3):
             _fail("ref_zero_stage", self.ref_zero_stage, "0, 1, 2 or 3")
         ranges = {  # name: (low, high, low inclusive, high inclusive)

@@ -74,8 +74,8 @@ class PreferenceModel(nn.Module):
         if position_ids is None:
             # Correct positions under left padding too (right padding gives 0..T-1 on real tokens).
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool \
-                and self.model.config._attn_implementation == "eager":
+        if self.model.config._attn_implementation == "eager" and attention_mask is not None \
+                and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:  # (flex takes a BlockMask)
             # Eager attention adds the mask to the scores.
             attention_mask = torch.zeros(attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device) \
                 .masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)

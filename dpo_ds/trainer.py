@@ -29,7 +29,7 @@ from .distributed import on_cpu, rank as _rank, world_size as _world
 from .engines import (METRIC_SCHEDULERS, Engines, build_policy_engine, export_peft, load_for_engine, metric_scheduler,
                       router_aux_loss_coef)
 from .losses import compute_loss
-from .metrics import MeanAccumulator, MetricsSink, pair_metrics, token_metrics
+from .metrics import MeanAccumulator, MetricsSink, Throughput, pair_metrics, token_metrics
 from .models import (adapter_base_path, disable_dropout, is_peft_model, load_model, load_policy_model, load_tokenizer,
                      reference_args, resolve_model_path)
 from .packing import inputs_for
@@ -189,8 +189,12 @@ class DPOTrainer:
         self.engines = Engines(policy, reference, ds_config, ref_ds if reference is not None else None, handle)
         self.metric_scheduler = metric_scheduler(policy, a, ds_config)
 
-        # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
-        self.window = torch.zeros(2, dtype=torch.float64)
+        # [tokens, pairs, squared sequence lengths] processed by this rank since the last log (padding excluded).
+        self.window = torch.zeros(3, dtype=torch.float64)
+        # Only an online reference (it holds a module) runs a forward per batch.
+        ref_module = getattr(self.reference, "module", None)
+        self.throughput = Throughput(self.model, getattr(ref_module, "model", None), a.gradient_checkpointing,
+                                     policy.device, a.peak_tflops)
         # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
         self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "best_metric": None,
                       "best_model_checkpoint": None}
@@ -241,8 +245,9 @@ class DPOTrainer:
         self._add_metrics(acc, loss_out, pol, out, mask, weights)
         if aux_loss is not None:
             self._add_aux_loss(acc, aux_loss, weights)
-        self.window += torch.stack([(batch["attention_mask"].float() * weights.repeat(2).unsqueeze(1)).sum(),
-                                    weights.sum()])
+        lengths = batch["attention_mask"].sum(1).double()
+        self.window += torch.stack([(lengths * weights.repeat(2)).sum(), weights.sum().double(),
+                                    (lengths ** 2 * weights.repeat(2)).sum()])
         if not train:
             return None
         # Padding slots carry no weight in the loss either.
@@ -419,7 +424,7 @@ class DPOTrainer:
         window = self.window.to(self.engines.policy.device)
         if dist.is_initialized():
             dist.all_reduce(window)
-        tokens, pairs = window.tolist()
+        tokens, pairs, squared_lengths = window.tolist()
         self.window.zero_()
         self.state["num_tokens"] += int(tokens)
         step = self.state["global_step"]
@@ -430,6 +435,7 @@ class DPOTrainer:
             "learning_rate": self.step_lr,
             **totals,
             "tokens_per_second": tokens / max(seconds, 1e-9),
+            **self.throughput.metrics(tokens, squared_lengths, seconds, _world()),
             "samples_per_second": pairs / max(seconds, 1e-9),
             "step_time": seconds / max(steps, 1),
             **self._peak_memory(),

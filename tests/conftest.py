@@ -14,6 +14,18 @@ from dpo_ds.models import load_tokenizer  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); scripts/gpu_check.sh runs "
+                                       "them all with -m gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip, with the reason, where torch sees no CUDA GPU (CI, the CPU dry run)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -208,3 +208,90 @@ def test_pair_metrics_weights_exclude_filler_pairs():
     assert got["rewards/accuracies"] == 0.5  # 0.5 > 0 wins, -1 < 1 loses; the filler's win is ignored
     assert got["rewards/margins"] == (0.5 + -2.0) / 2
     assert got["logps/chosen"] == -2.0 and got["logps/rejected"] == -2.0
+
+
+# --- throughput and MFU ----------------------------------------------------------------------
+
+# A 2-layer Llama: hidden 32, 4 heads of 8 dims, 2 KV heads, MLP 64, vocabulary 97, tied head.
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=97, tie_word_embeddings=True)
+
+
+def _hand_forward_flops(s: int, vocab: int = 97) -> int:
+    """One forward's FLOPs per token of TINY at sequence length s, from the dimensions alone."""
+    h, layers, heads, kv, d, inter = 32, 2, 4, 2, 8, 64
+    per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * inter  # q, k+v, o, gate+up+down
+    n = layers * per_layer + vocab * h  # the tied head is a matmul; the embedding lookup is not
+    return 2 * n + 4 * layers * heads * d * s  # QK^T and AV: 2 FLOPs per multiply-add each
+
+
+def test_mfu_by_hand_for_a_tiny_model_with_a_given_peak():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dpo_ds.metrics import Throughput
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    lengths = [5, 7, 7, 12]  # real tokens of four sequences (padding never counts)
+    seconds, world, peak = 0.25, 2, 1e-6
+    # Policy: forward + backward (2 forwards) + recompute (1); the reference: 1 forward of its own.
+    expected = sum(s * 5 * _hand_forward_flops(s) for s in lengths) / (seconds * world * peak * 1e12)
+    got = Throughput(model, reference=model, recompute=True, peak_tflops=peak).metrics(
+        sum(lengths), sum(s * s for s in lengths), seconds, world)
+    assert got["mfu"] == pytest.approx(expected, rel=1e-12)
+    assert got["tokens_per_second_per_device"] == pytest.approx(31 / 0.5)
+    # Without recomputation and reference: 3 forwards per token.
+    plain = Throughput(model, peak_tflops=peak).metrics(31, sum(s * s for s in lengths), seconds, world)
+    assert plain["mfu"] == pytest.approx(sum(s * 3 * _hand_forward_flops(s) for s in lengths) / 0.5e6, rel=1e-12)
+
+
+def test_no_mfu_on_cpu_without_a_peak():
+    from transformers import LlamaConfig
+
+    from dpo_ds.metrics import Throughput
+
+    got = Throughput(LlamaConfig(**TINY), device="cpu").metrics(100, 2500, 2.0, 1)
+    assert got == {"tokens_per_second_per_device": 50.0}
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0), ("NVIDIA L40S", 362.05), ("NVIDIA A10G", 125.0),
+    ("NVIDIA GeForce RTX 4090", 165.2), ("AMD Instinct MI300X", 1307.4), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_peak_bf16_tflops_by_device_name(name, peak):
+    from dpo_ds.metrics import peak_bf16_tflops
+
+    assert peak_bf16_tflops(name) == peak
+
+
+def test_peak_tflops_must_be_positive():
+    from dpo_ds.config import ConfigError, DPOConfig
+
+    with pytest.raises(ConfigError, match="peak_tflops"):
+        DPOConfig(peak_tflops=0)
+
+
+@pytest.mark.slow
+def test_trainer_logs_mfu_and_per_device_throughput(tmp_path, tiny_model_dir, builtin_tokenizer):
+    """Two CPU ranks, peak_tflops given: every logged mfu is the hand count over the logged rate.
+
+    Every row has the same prompt and one-token answers, so every sequence has the same length L,
+    which the log itself gives (tokens over sequences) and which must be a whole number."""
+    from test_trainer import read_metrics, run_train
+
+    assert len(builtin_tokenizer(" yes")["input_ids"]) == len(builtin_tokenizer(" no")["input_ids"]) == 1
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Is water wet?", "chosen": " yes", "rejected": " no"}) + "\n"
+                            for _ in range(16)))
+    run_train(tmp_path, tiny_model_dir, "--max_steps", "2", "--save_steps", "none", "--peak_tflops", "1e-6")
+    rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2
+    for row in rows:
+        length = row["tokens_per_second"] / (2 * row["samples_per_second"])
+        assert length == pytest.approx(round(length), abs=1e-6) and length > 3
+        assert row["tokens_per_second_per_device"] == pytest.approx(row["tokens_per_second"] / 2)
+        # Online reference, no recomputation: 3 policy forwards + 1 reference forward per token.
+        vocab = len(builtin_tokenizer)
+        expected = row["tokens_per_second_per_device"] * 4 * _hand_forward_flops(round(length), vocab) / 1e6
+        assert row["mfu"] == pytest.approx(expected, rel=1e-9)

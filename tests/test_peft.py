@@ -111,8 +111,8 @@ def test_qlora_without_a_gpu_says_so(tiny_model_dir):
         load_policy_model(tiny_model_dir, lora_args(load_in_4bit=True))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
-                    reason="QLoRA needs a CUDA GPU and bitsandbytes")
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="QLoRA needs bitsandbytes")
 def test_qlora_loads_4bit_base_with_adapters_in_the_compute_dtype(tiny_model_dir):
     model = load_policy_model(tiny_model_dir, lora_args(load_in_4bit=True, model_init_kwargs={"dtype": "bfloat16"}))
     assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}

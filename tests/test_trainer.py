@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 METRIC_NAMES = [
     "global_step", "epoch", "num_tokens", "loss", "entropy", "mean_token_accuracy", "learning_rate", "grad_norm",
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-    "logits/chosen", "logits/rejected", "tokens_per_second", "samples_per_second", "step_time",
+    "logits/chosen", "logits/rejected", "tokens_per_second", "tokens_per_second_per_device", "samples_per_second",
+    "step_time",
 ]
 
 

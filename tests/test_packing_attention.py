@@ -30,7 +30,7 @@ def models(*attns: str, device: str = "cpu", dtype=torch.float32) -> list[Prefer
 
 
 def run_args(**kw):
-    return SimpleNamespace(**{**dict(padding_free=True, prefix_sharing=False, attn_implementation="sdpa",
+    return SimpleNamespace(**{**dict(packing=True, prefix_sharing=False, attn_implementation="sdpa",
                                      model_init_kwargs={}, max_length=30, pad_to_multiple_of=None), **kw})
 
 
@@ -52,7 +52,7 @@ def test_flex_block_mask_gives_the_padded_outputs(layout):
 
 
 def test_a_cpu_run_keeps_the_requested_kernel():
-    for layout in ({}, {"prefix_sharing": True}, {"padding_free": False}):
+    for layout in ({}, {"prefix_sharing": True}, {"packing": False}):
         assert attention_implementation(run_args(**layout), on_gpu=False) == "sdpa"
     assert attention_implementation(run_args(attn_implementation="eager"), on_gpu=False) == "eager"
     batch = PreferenceCollator(0)(random_rows(3, seed=12))
@@ -68,7 +68,7 @@ def test_packing_on_a_gpu_takes_flash_varlen_else_flex():
     assert attention_implementation(run_args(attn_implementation="eager"), on_gpu=True) == "eager"
     assert attention_implementation(run_args(model_init_kwargs={"attn_implementation": "eager"}),
                                     on_gpu=True) == "eager"
-    assert attention_implementation(run_args(padding_free=False), on_gpu=True) == "sdpa"
+    assert attention_implementation(run_args(packing=False), on_gpu=True) == "sdpa"
 
 
 def _padded_and_packed_with_grads(packed_model, padded_model, args, batch):
@@ -87,7 +87,7 @@ def _padded_and_packed_with_grads(packed_model, padded_model, args, batch):
 @pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
 def test_flex_on_gpu_gives_the_padded_outputs_and_gradients(layout):
     sdpa, flex = models("sdpa", "flex_attention", device="cuda")
-    args = run_args(padding_free=layout == "padding_free", prefix_sharing=layout == "prefix_sharing")
+    args = run_args(packing=layout == "padding_free", prefix_sharing=layout == "prefix_sharing")
     batch = PreferenceCollator(0)(random_rows(6, seed=13))
     assert model_inputs(batch, layout, max_length=30)["input_ids"].shape[0] > 1  # the block mask is per row
     assert type(inputs_for(batch, args, "cuda")["attention_mask"]).__name__ == "BlockMask" or HAVE_FLASH

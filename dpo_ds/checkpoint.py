@@ -284,14 +284,15 @@ def check_shapes(state: dict[str, torch.Tensor], config) -> None:
 
 def _meta_model(config):
     """The model's skeleton on the meta device (no memory), never under ZeRO-3 initialization."""
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import deepspeed as hf_ds
+
+    from .vision import auto_model_class
 
     active = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds._hf_deepspeed_config_weak_ref = None
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return auto_model_class(config).from_config(config)
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = active
 

@@ -5,8 +5,11 @@ Truncation happens in ``dpo_ds.data``; the collator only concatenates and pads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from . import vision
 
 
 @dataclass
@@ -20,11 +23,16 @@ class PreferenceCollator:
     key of the precomputed-reference cache). ``T`` is the longest sequence,
     rounded up to ``pad_to_multiple_of``; ``padding_side="left"`` puts the
     padding before the tokens (as generation-style batches expect).
+
+    With a vision ``processor`` and rows that carry ``images``, the batch also holds the image
+    processor's tensors (``pixel_values``, ``image_grid_thw``, ...; see ``dpo_ds.vision.image_inputs``)
+    for the chosen rows' images, then the rejected rows' (the same images: one prompt per pair).
     """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    processor: Any = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
@@ -53,6 +61,8 @@ class PreferenceCollator:
             attention_mask[i, start:end] = 1
             completion_mask[i, end - n_completion:end] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        if self.processor is not None and "images" in rows[0]:
+            batch.update(vision.image_inputs(self.processor, [list(row["images"]) for row in rows] * 2))
         if "row_index" in rows[0]:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)
         return batch

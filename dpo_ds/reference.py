@@ -219,8 +219,9 @@ class CachedReference(Reference):
 # ----------------------------------------------------------------------------- the cache
 
 def dataset_fingerprint(dataset) -> str:
-    """SHA-256 of the tokenized rows (row_index and the prompt/chosen/rejected ids): exact, and the same
-    in every process that tokenizes the same data with the same settings."""
+    """SHA-256 of the tokenized rows (row_index and the prompt/chosen/rejected ids, and the encoded
+    images of a vision split): exact, and the same in every process that tokenizes the same data with the
+    same settings."""
     import pyarrow.compute as pc
 
     digest = hashlib.sha256()
@@ -232,14 +233,27 @@ def dataset_fingerprint(dataset) -> str:
                 digest.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
                 column = pc.list_flatten(column)
             digest.update(np.asarray(column, dtype=np.int64).tobytes())
+    if "images" in dataset.column_names:
+        for images in dataset.select_columns(["images"]).with_format("arrow").iter(batch_size=1024):
+            for row in images["images"].to_pylist():
+                digest.update(np.asarray([len(row)] + [len(image) for image in row], dtype=np.int64).tobytes())
+                for image in row:
+                    digest.update(image)
     return digest.hexdigest()
 
 
-def cache_key(args, dataset, model_digest: str) -> dict:
-    """Everything a split's reference values depend on: data content, model weights, settings."""
+def cache_key(args, dataset, model_digest: str, image_settings: Optional[str] = None) -> dict:
+    """Everything a split's reference values depend on: data content, model weights, settings.
+
+    ``image_settings``: the digest of a vision model's image-processor settings, which turn the
+    images (in the data fingerprint) into pixels.
+    """
     settings = {name: getattr(args, name, None) for name in _VALUE_SETTINGS + _TOKEN_SETTINGS}
     settings["model_init_dtype"] = str((args.model_init_kwargs or {}).get("dtype", "float32"))
-    return {"format": CACHE_FORMAT, "model": model_digest, "data": dataset_fingerprint(dataset), "settings": settings}
+    key = {"format": CACHE_FORMAT, "model": model_digest, "data": dataset_fingerprint(dataset), "settings": settings}
+    if image_settings is not None:
+        key["image_processor"] = image_settings
+    return key
 
 
 def cache_directory(args, key: dict) -> Path:
@@ -316,13 +330,13 @@ def load_table(directory: Path, row_index: list[int]) -> Tensor:
 
 
 def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[[list[dict]], dict],
-                batch_sizes: dict[str, int]) -> CachedReference:
+                batch_sizes: dict[str, int], image_settings: Optional[str] = None) -> CachedReference:
     """Look up (or compute and store) the cached reference log-probs of each split. Collective."""
     release_gathered(source.engine)
     model_digest = weights_digest(source.identity())
     tables, directories = {}, {}
     for split, dataset in splits.items():
-        key = cache_key(args, dataset, model_digest)
+        key = cache_key(args, dataset, model_digest, image_settings)
         directory = cache_directory(args, key)
         if _rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
@@ -339,14 +353,15 @@ def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[
 
 def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_config: dict,
                     splits: dict, batches: Callable[[list[dict]], dict],
-                    batch_sizes: dict[str, int], separate_model: bool) -> tuple[Reference, Any]:
+                    batch_sizes: dict[str, int], separate_model: bool,
+                    image_settings: Optional[str] = None) -> tuple[Reference, Any]:
     """The run's reference strategy and the reference engine it keeps alive (None when there is none).
 
     `load_reference()` loads the reference model (called only when one is
     needed); `separate_model` says whether it differs from the policy's
     starting point. For a precomputation without a separate model, the policy
     engine itself, before its first step, is the reference: no second model is
-    loaded at all.
+    loaded at all. ``image_settings``: see ``cache_key``.
     """
     if not needs_reference(args):
         return Reference(), None
@@ -362,7 +377,7 @@ def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_conf
                                  args.ref_model_sync_steps if args.sync_ref_model else 0)
     if not args.precompute_ref_log_probs:
         return online, engine
-    cached = precomputed(online, args, splits, batches, batch_sizes)
+    cached = precomputed(online, args, splits, batches, batch_sizes, image_settings)
     if engine is not None:
         engine.destroy()
     return cached, None

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from . import checkpoint, preemption
+from . import checkpoint, preemption, vision
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
@@ -99,10 +99,15 @@ class DPOTrainer:
         seed_everything(a.seed)
         model = model if model is not None else a.model_name_or_path
         model_path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
-        self.tokenizer = processing_class or load_tokenizer(model_path or "builtin", a)
+        # A vision-language model tokenizes with its processor (images included); None for a text model.
+        self.processor = vision.processor_for(model, processing_class, a)
+        if self.processor is not None:
+            vision.check_layout(a)
+        self.tokenizer = self.processor.tokenizer if self.processor is not None else (
+            processing_class or load_tokenizer(model_path or "builtin", a))
         self.train_data, self.eval_data, self.data_reports = self._datasets(train_dataset, eval_dataset)
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, padding_side=a.padding_side,
-                                           pad_to_multiple_of=a.pad_to_multiple_of)
+                                           pad_to_multiple_of=a.pad_to_multiple_of, processor=self.processor)
 
         steps_per_epoch = len(self.train_data) // (a.per_device_train_batch_size * _world()
                                                    * a.gradient_accumulation_steps)
@@ -133,7 +138,8 @@ class DPOTrainer:
             a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
             splits, lambda rows: inputs_for(self.collator(rows), a, policy.device),
             {"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
-            separate_model=ref_model is not None or bool(a.ref_model_name_or_path))
+            separate_model=ref_model is not None or bool(a.ref_model_name_or_path),
+            image_settings=vision.processor_digest(self.processor) if self.processor is not None else None)
         # The policy's ZeRO settings stay the ones transformers sees during training.
         _, handle = load_for_engine(lambda: None, ds_config)
         self.engines = Engines(policy, reference, ds_config, ref_ds if reference is not None else None, handle)
@@ -148,14 +154,15 @@ class DPOTrainer:
     # ----------------------------------------------------------------- setup
     def _datasets(self, train_dataset, eval_dataset):
         a = self.args
+        processing = self.processor or self.tokenizer
         if train_dataset is None:
-            data = load_preference_data(a, self.tokenizer)
+            data = load_preference_data(a, processing)
             return data.train, data.eval, {"train": data.train_report, "eval": data.eval_report}
-        train, report = prepare_dataset(train_dataset, self.tokenizer, a, "train")
+        train, report = prepare_dataset(train_dataset, processing, a, "train")
         reports = {"train": report}
         evald = None
         if eval_dataset is not None:
-            evald, reports["eval"] = prepare_dataset(eval_dataset, self.tokenizer, a, "eval")
+            evald, reports["eval"] = prepare_dataset(eval_dataset, processing, a, "eval")
         return train, evald, reports
 
     def _load(self, source, fresh: bool = False):
@@ -372,9 +379,10 @@ class DPOTrainer:
         base weights as a plain model.
         """
         out = out_dir or os.path.join(self.args.output_dir, "final")
+        processing = self.processor or self.tokenizer  # a processor saves its tokenizer too
         if is_peft_model(self.model):
-            return export_peft(self.engines.policy, self.model, self.tokenizer, out)
-        return checkpoint.export_hf(self.engines.policy, self.model, self.tokenizer, out)
+            return export_peft(self.engines.policy, self.model, processing, out)
+        return checkpoint.export_hf(self.engines.policy, self.model, processing, out)
 
     def close(self) -> None:
         if self.sink is not None:

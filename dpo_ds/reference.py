@@ -405,7 +405,8 @@ def run_precompute(args) -> dict[str, Path]:
     splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
     source = resolve_model_path(args.ref_model_name_or_path or args.model_name_or_path)
     hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(source) or source,
-                                                trust_remote_code=args.trust_remote_code), "hidden_size", None)
+                                                trust_remote_code=args.trust_remote_code).get_text_config(),
+                     "hidden_size", None)
     ref_config = reference_deepspeed_config(args, load_deepspeed_config(args, _world(), hidden_size=hidden,
                                                                         num_training_steps=1), on_cpu=on_cpu())
 

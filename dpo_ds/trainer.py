@@ -119,12 +119,12 @@ class DPOTrainer:
         self.warmup_steps = a.get_warmup_steps(self.total_steps)
 
         load = model if not isinstance(model, str) else resolve_model_path(model)
-        hidden = None if isinstance(load, str) else getattr(load.config, "hidden_size", None)
+        hidden = None if isinstance(load, str) else getattr(load.config.get_text_config(), "hidden_size", None)
         if hidden is None:
             from transformers import AutoConfig
 
-            hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(load) or load,
-                                                        trust_remote_code=a.trust_remote_code), "hidden_size", None)
+            hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(load) or load, trust_remote_code=a
+                                                        .trust_remote_code).get_text_config(), "hidden_size", None)
         ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
         policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
         self.model = policy_model

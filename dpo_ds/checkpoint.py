@@ -328,7 +328,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoConfig
 
     from .config import DPOConfig
-    from .models import load_tokenizer, resolve_model_path
+    from .models import resolve_model_path
+    from .vision import load_processing_class
 
     path = Path(checkpoint_dir)
     if not (path / COMPLETE).exists():
@@ -349,5 +350,5 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _meta_model(config).save_pretrained(out, state_dict=state, safe_serialization=True)
-    load_tokenizer(args.model_name_or_path, args).save_pretrained(out)
+    load_processing_class(args.model_name_or_path, args).save_pretrained(out)
     return out

@@ -351,8 +351,11 @@ def lora_config(args: Any) -> Any:
     """LoraConfig from `use_peft`'s flags (lora_r, lora_alpha, lora_dropout, lora_target_modules, peft_config)."""
     from peft import LoraConfig
 
+    targets = args.lora_target_modules
+    if isinstance(targets, (list, tuple)) and [str(t).lower() for t in targets] == ["all-linear"]:
+        targets = "all-linear"  # PEFT expands the shorthand only as a string, not inside a list
     kwargs = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                  target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+                  target_modules=targets, task_type="CAUSAL_LM")
     kwargs.update(getattr(args, "peft_config", None) or {})
     try:
         return LoraConfig(**kwargs)

@@ -396,12 +396,14 @@ def run_precompute(args) -> dict[str, Path]:
     from .collate import PreferenceCollator
     from .config import load_deepspeed_config, reference_deepspeed_config
     from .data import load_preference_data
-    from .models import adapter_base_path, disable_dropout, load_model, load_policy_model, load_tokenizer
-    from .models import resolve_model_path
+    from .models import adapter_base_path, disable_dropout, load_model, load_policy_model, resolve_model_path
     from .packing import inputs_for
+    from .vision import is_processor, load_processing_class, processor_digest
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args)
-    data = load_preference_data(args, tokenizer)
+    processing = load_processing_class(args.model_name_or_path, args)
+    processor = processing if is_processor(processing) else None
+    tokenizer = processor.tokenizer if processor is not None else processing
+    data = load_preference_data(args, processing)
     splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
     source = resolve_model_path(args.ref_model_name_or_path or args.model_name_or_path)
     hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(source) or source,
@@ -420,9 +422,10 @@ def run_precompute(args) -> dict[str, Path]:
     engine = build_reference_engine(model, args, ref_config)
     online = AdapterReference(engine, args.ld_alpha) if is_peft_model(model) else EngineReference(engine, args.ld_alpha)
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_side=args.padding_side,
-                                  pad_to_multiple_of=args.pad_to_multiple_of)
+                                  pad_to_multiple_of=args.pad_to_multiple_of, processor=processor)
     cached = precomputed(online, args, splits, lambda rows: inputs_for(collator(rows), args, engine.device),
-                         {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size})
+                         {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size},
+                         processor_digest(processor) if processor is not None else None)
     engine.destroy()
     del handle
     return cached.directories

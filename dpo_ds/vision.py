@@ -133,6 +133,13 @@ def processor_for(model: Any, processing_class: Any, args: Any) -> Any:
     return load_processor(source, args) if is_vision_config(config) else None
 
 
+def load_processing_class(name_or_path: str, args: Any) -> Any:
+    """What tokenizes a run's rows: a vision-language model's processor, else the model's tokenizer."""
+    from .models import load_tokenizer
+
+    return processor_for(name_or_path, None, args) or load_tokenizer(name_or_path, args)
+
+
 def check_layout(args: Any) -> None:
     """Refuse packing and prefix sharing for vision-language models, before any model loads.
 

@@ -182,3 +182,91 @@ def test_bad_images_and_cut_image_tokens_are_bad_rows_naming_row_and_column(llav
     text_plain, _ = prepare_dataset(Dataset.from_list([plain]), builtin_tokenizer, DPOConfig())
     assert text_parts[0]["chosen_ids"] == text_plain[0]["chosen_ids"]
     assert text_parts[0]["prompt_ids"] == text_plain[0]["prompt_ids"] and "images" not in text_parts.column_names
+
+
+def test_precomputed_reference_cache_covers_the_pixels(llava, tmp_path):
+    from dpo_ds.reference import EngineReference, cache_key, precompute
+    from dpo_ds.vision import processor_digest
+
+    path, processor = llava
+    rows = vision_rows()
+    data, _ = tokenize(image_dataset(rows), processor)
+    shifted = [dict(row) for row in rows]
+    image = rows[2]["images"][0].copy()
+    image.putpixel((0, 0), (0, 0, 0))  # one pixel: same size, same token ids
+    shifted[2]["images"] = [image]
+    other, _ = tokenize(image_dataset(shifted), processor)
+    assert [other[i]["prompt_ids"] for i in range(3)] == [data[i]["prompt_ids"] for i in range(3)]
+    args = DPOConfig()
+    digest = processor_digest(processor)
+    assert cache_key(args, data, "m", digest) == cache_key(args, tokenize(image_dataset(rows), processor)[0], "m",
+                                                            digest)
+    assert cache_key(args, other, "m", digest)["data"] != cache_key(args, data, "m", digest)["data"]
+    processor.image_processor.image_mean = [0.0, 0.0, 0.0]  # other pixels from the same images
+    try:
+        assert processor_digest(processor) != digest
+    finally:
+        processor.image_processor.image_mean = type(processor.image_processor).image_mean
+    assert processor_digest(processor) == digest
+    # The cached values are the reference's own, image inputs included.
+    module = PreferenceModel(AutoModelForImageTextToText.from_pretrained(path).eval())
+    collator = PreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)
+    table = precompute(EngineReference(module, None), data, tmp_path / "cache",
+                       lambda batch: model_inputs(collator(batch), "padded"), batch_size=2)
+    with torch.no_grad():
+        direct = sequence_logps(module, collator([data[i] for i in range(3)])).view(2, 3).T
+    torch.testing.assert_close(table.double(), direct, atol=1e-5, rtol=0)
+
+
+def test_vision_tower_frozen_by_default_and_lora_on_the_language_model(llava):
+    from dpo_ds.models import load_policy_model
+    from dpo_ds.reference import AdapterReference
+
+    path, processor = llava
+    full = load_policy_model(path, DPOConfig())
+    frozen = {n for n, p in full.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in full.named_parameters() if ".vision_tower." in n} and frozen
+    assert all(p.requires_grad for n, p in full.named_parameters() if "multi_modal_projector" in n)
+    assert all(p.requires_grad for p in load_policy_model(path, DPOConfig(freeze_vision_tower=False)).parameters())
+
+    lora = DPOConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="all-linear")
+    model = load_policy_model(path, lora)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".vision_tower." not in n for n in trainable)
+    assert any(".language_model." in n for n in trainable) and not any(
+        "lora_" in n for n, _ in model.named_parameters() if ".vision_tower." in n)
+    with_tower = load_policy_model(path, DPOConfig(freeze_vision_tower=False, **{
+        k: getattr(lora, k) for k in ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}))
+    assert any("lora_" in n and ".vision_tower." in n for n, p in with_tower.named_parameters() if p.requires_grad)
+    # The adapter-disabled reference is the base model, images included.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    data, _ = tokenize(image_dataset(vision_rows()), processor)
+    batch = PreferenceCollator(processor.tokenizer.pad_token_id, processor=processor)([data[i] for i in range(3)])
+    module = PreferenceModel(model).eval()
+    base = PreferenceModel(AutoModelForImageTextToText.from_pretrained(path).eval())
+    with torch.no_grad():
+        reference = AdapterReference(module, None).token_logps(model_inputs(batch, "padded"))
+        adapted = sequence_logps(module, batch)
+        expected = sequence_logps(base, batch)
+    got = (reference.double() * batch["completion_mask"][:, 1:]).sum(1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (adapted - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["padding_free", "prefix_sharing"])
+def test_packing_and_prefix_sharing_are_refused_before_any_model_loads(llava, layout, monkeypatch):
+    from dpo_ds import trainer as trainer_module
+
+    path, _ = llava
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(trainer_module, "load_policy_model", no_model)
+    monkeypatch.setattr(trainer_module, "load_model", no_model)
+    with pytest.raises(ValueError, match=f"{layout} is not supported for vision-language models"):
+        trainer_module.DPOTrainer(model=path, args=DPOConfig(**{layout: True}),
+                                  train_dataset=image_dataset(vision_rows()))

@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 from datasets import (
     Dataset,
     DatasetDict,
@@ -397,7 +398,8 @@ def _finish(ds: Dataset, split: str) -> tuple[Dataset, DataReport]:
     report = _report(ds, split)
     kept = ds.filter(_is_kept, input_columns="_drop", batched=True, desc=f"Dropping unusable {split} rows")
     kept = kept.remove_columns(list(_HELPER_COLUMNS))
-    if not any(kept.with_format("arrow")[:]["images"].to_pylist()):  # a text split keeps its text-only columns
+    images = kept.select_columns(["images"]).with_format("arrow")[:]["images"]
+    if not pc.sum(pc.list_value_length(images)).as_py():  # a text split keeps its text-only columns
         kept = kept.remove_columns("images")
     return kept, report
 

@@ -123,7 +123,7 @@ def test_images_as_pil_paths_bytes_and_datasets_dicts_tokenize_alike(llava, tmp_
         assert got["prompt_ids"] == list(expected), name
         assert got["prompt_ids"].count(image_id) == 4 and image_id not in got["chosen_ids"], name
         assert len(got["images"]) == 1
-        assert list(Image.open(io.BytesIO(got["images"][0])).convert("RGB").getdata()) == list(red.getdata()), name
+        assert Image.open(io.BytesIO(got["images"][0])).convert("RGB").tobytes() == red.tobytes(), name
 
 
 def test_string_prompt_gets_trl_s_image_placement(llava):

@@ -90,8 +90,11 @@ def test_batch_log_probs_equal_each_row_alone_and_the_model_s_own(vlm):
     with torch.no_grad():
         batch = sequence_logps(module, collator([data[i] for i in range(3)]))
         alone = torch.cat([sequence_logps(module, collator([data[i]])) for i in range(3)])
+        left = sequence_logps(module, PreferenceCollator(processor.tokenizer.pad_token_id, padding_side="left",
+                                                         processor=processor)([data[i] for i in range(3)]))
     # batch: chosen rows, then rejected rows; alone: (chosen, rejected) per row.
     torch.testing.assert_close(batch, alone.view(3, 2).T.reshape(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(left, batch, atol=1e-5, rtol=0)
     expected = [hf_sequence_logps(model, processor, row, part) for part in ("chosen", "rejected") for row in rows]
     torch.testing.assert_close(batch, torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
 

@@ -107,7 +107,6 @@ class PreferenceModel(nn.Module):
         return LogProbs(*(None if t is None else torch.zeros(scored.shape, dtype=t.dtype, device=t.device)
                           .masked_scatter(scored, t) for t in out))
 
-
     def _multimodal_hidden(self, input_ids, attention_mask, position_ids, image_inputs: dict) -> torch.Tensor:
         """Last hidden states of a vision-language backbone, given the inputs its forward takes.
 
@@ -127,7 +126,8 @@ class PreferenceModel(nn.Module):
                 kwargs[name] = (input_ids == image_token).long()
         if not hasattr(backbone, "get_rope_index"):
             kwargs["position_ids"] = position_ids
-        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return out.last_hidden_state
 
 
 @dataclass

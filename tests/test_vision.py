@@ -149,8 +149,10 @@ def test_bad_images_and_cut_image_tokens_are_bad_rows_naming_row_and_column(llav
         {**good, "images": [red]},
         {**good, "images": [b"not an image at all"]},                                   # corrupt
         {**good, "images": [red, red]},                                                 # 2 images, 1 part
-        {**good, "images": [red], "chosen": [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "Red."}]}]},
-        {**good, "images": [red], "prompt": [{"role": "system", "content": [{"type": "text", "text": "Be brief. " * 8}]}] + QUESTION},
+        {**good, "images": [red], "chosen": [{"role": "assistant", "content": [{"type": "image"},
+                                                                                 *answer("Red.")[0]["content"]]}]},
+        {**good, "images": [red], "prompt": [{"role": "system", "content": [{"type": "text",
+                                                                            "text": "Be brief. " * 8}]}] + QUESTION},
     ]
     with pytest.raises(DataError) as err:
         tokenize(Dataset.from_list(rows[:4]), processor)
@@ -167,7 +169,8 @@ def test_bad_images_and_cut_image_tokens_are_bad_rows_naming_row_and_column(llav
                                         "the prompt's 48 tokens would cut its image tokens .the first is token 34."):
         tokenize(Dataset.from_list(rows[4:]), processor, max_prompt_length=12, max_length=60)
     kept, report = tokenize(Dataset.from_list(rows[4:]), processor, max_prompt_length=20)
-    assert report.truncated["prompt"] == 1 and len(kept[0]["prompt_ids"]) == 20 and kept[0]["prompt_ids"].count(processor.image_token_id) == 4
+    assert report.truncated["prompt"] == 1 and len(kept[0]["prompt_ids"]) == 20
+    assert kept[0]["prompt_ids"].count(processor.image_token_id) == 4
     # A text model cannot take images; list-valued text contents are plain text to it.
     with pytest.raises(DataError, match="row 0, column 'images': wrong_type: the row has images, but the model has "
                                         "no image processor"):

@@ -80,7 +80,8 @@ def run_probe(tmp_path: Path, builtin_model_dir: str, archs: tuple[str, ...]) ->
 
 
 @pytest.mark.slow
-def test_zero3_with_offloaded_reference_trains_and_exports_each_architecture_qwen2_vl_resumes(tmp_path, builtin_model_dir):
+def test_zero3_offloaded_reference_each_architecture_trains_and_exports_qwen2_vl_resumes(tmp_path,
+                                                                                    builtin_model_dir):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

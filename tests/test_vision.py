@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset, Features, Image as ImageFeature, List, Value
+from datasets import Dataset, Image as ImageFeature, List
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 

@@ -102,6 +102,12 @@ def test_zero3_offloaded_reference_each_architecture_trains_and_exports_qwen2_vl
         if arch != "qwen2_vl":  # its processor needs torchvision to load (see vision_models)
             processor = AutoProcessor.from_pretrained(export)
             assert type(processor).__name__ == type(AutoProcessor.from_pretrained(tmp_path / arch)).__name__
+    # `dpo-ds export` of a checkpoint: the model and its processor, in one process.
+    from dpo_ds.checkpoint import export_checkpoint
+
+    exported = export_checkpoint(tmp_path / "llava-full" / "checkpoint-2", tmp_path / "llava-step2")
+    assert type(AutoModelForImageTextToText.from_pretrained(exported)).__name__ == "LlavaForConditionalGeneration"
+    assert type(AutoProcessor.from_pretrained(exported)).__name__ == "LlavaProcessor"
 
 
 if __name__ == "__main__":

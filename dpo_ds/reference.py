@@ -398,10 +398,12 @@ def run_precompute(args) -> dict[str, Path]:
     from .data import load_preference_data
     from .models import adapter_base_path, disable_dropout, load_model, load_policy_model, resolve_model_path
     from .packing import inputs_for
-    from .vision import is_processor, load_processing_class, processor_digest
+    from .vision import check_layout, is_processor, load_processing_class, processor_digest
 
     processing = load_processing_class(args.model_name_or_path, args)
     processor = processing if is_processor(processing) else None
+    if processor is not None:
+        check_layout(args)
     tokenizer = processor.tokenizer if processor is not None else processing
     data = load_preference_data(args, processing)
     splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}

@@ -27,6 +27,7 @@ setup(
         "numpy",
         "ninja",
         "matplotlib",  # dpo-ds sweep's plot
+        "pillow",  # images of vision-language preference data
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0", "tensorboard", "mpi4py", "triton"],

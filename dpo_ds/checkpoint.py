@@ -314,14 +314,15 @@ def check_shapes(state: dict[str, torch.Tensor], config) -> None:
 
 def _meta_model(config):
     """The model's skeleton on the meta device (no memory), never under ZeRO-3 initialization."""
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import deepspeed as hf_ds
+
+    from .vision import auto_model_class
 
     active = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds._hf_deepspeed_config_weak_ref = None
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            return auto_model_class(config).from_config(config)
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = active
 
@@ -357,7 +358,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     from transformers import AutoConfig
 
     from .config import DPOConfig
-    from .models import load_tokenizer, resolve_model_path
+    from .models import resolve_model_path
+    from .vision import load_processing_class
 
     path = Path(checkpoint_dir)
     if not (path / COMPLETE).exists():
@@ -378,5 +380,5 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _meta_model(config).save_pretrained(out, state_dict=state, safe_serialization=True)
-    load_tokenizer(args.model_name_or_path, args).save_pretrained(out)
+    load_processing_class(args.model_name_or_path, args).save_pretrained(out)
     return out

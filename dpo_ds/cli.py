@@ -39,13 +39,14 @@ def data_check(argv: list[str]) -> int:
         return 0
     if remaining:
         raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds data-check --help")
-    from dpo_ds.models import load_tokenizer
+    from dpo_ds.vision import is_processor, load_processing_class
 
     try:
-        tokenizer = load_tokenizer(config.model_name_or_path, config)
+        processing = load_processing_class(config.model_name_or_path, config)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the tokenizer of {config.model_name_or_path!r}: {exc}") from exc
-    data = load_preference_data(config, tokenizer)
+    tokenizer = processing.tokenizer if is_processor(processing) else processing
+    data = load_preference_data(config, processing)
     examples = [_example(tokenizer, data.train[i]) for i in range(min(show, len(data.train)))]
     if as_json:
         out = _report_json(data.train_report)

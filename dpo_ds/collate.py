@@ -5,8 +5,11 @@ Truncation happens in ``dpo_ds.data``; the collator only concatenates and pads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from . import vision
 
 
 @dataclass
@@ -25,11 +28,16 @@ class PreferenceCollator:
     scored (prefix sharing runs them once per pair). ``T`` is the longest sequence,
     rounded up to ``pad_to_multiple_of``; ``padding_side="left"`` puts the
     padding before the tokens (as generation-style batches expect).
+
+    With a vision ``processor`` and rows that carry ``images``, the batch also holds the image
+    processor's tensors (``pixel_values``, ``image_grid_thw``, ...; see ``dpo_ds.vision.image_inputs``)
+    for the chosen rows' images, then the rejected rows' (the same images: one prompt per pair).
     """
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    processor: Any = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("right", "left"):
@@ -62,6 +70,8 @@ class PreferenceCollator:
             prompt_mask[i, start:start + n_prompt] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
                  "prompt_mask": prompt_mask}
+        if self.processor is not None and "images" in rows[0]:
+            batch.update(vision.image_inputs(self.processor, [list(row["images"]) for row in rows] * 2))
         if "row_index" in rows[0]:
             batch["row_index"] = torch.tensor([row["row_index"] for row in rows], dtype=torch.long)
         return batch

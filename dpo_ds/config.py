@@ -291,6 +291,9 @@ class DPOConfig:
     """Run name shown by the metric sinks; None = the last part of output_dir."""
     disable_tqdm: bool = False
     """Hide the progress bar."""
+    # --- vision-language models ---
+    freeze_vision_tower: bool = True
+    """Vision-language models: keep the image encoder (not the projector) frozen and out of LoRA's targets."""
 
     # --- what the model learns from ---
     packing: Optional[bool] = None

@@ -49,8 +49,13 @@ too; with ``assistant_only_loss`` only the chat template's ``{% generation %}``
 ranges; never a ``user`` or ``tool`` message inside a completion (see
 ``_conversation_masks``).
 
+Rows with images (an ``images`` or ``image`` column, see ``dpo_ds.vision``) need the model's processor
+in place of the tokenizer: the prompt's image placeholders expand into image tokens, which no truncation
+cuts (a row whose image tokens would be cut is a bad row, ``image_tokens_truncated``), and the row keeps
+its images, encoded, in ``images``.
+
 Bad rows (wrong types, empty or identical completions, malformed messages,
-unknown roles, invalid ``tools`` JSON, templates that fail) raise one
+unknown roles, invalid ``tools`` JSON, templates that fail, images that do not decode) raise one
 ``DataError`` listing them when ``on_bad_row="error"``, or are dropped and
 counted when ``on_bad_row="skip"``.
 """
@@ -66,19 +71,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 from datasets import (
     Dataset,
     DatasetDict,
     Features,
+    Image,
     List,
     Value,
     load_dataset,
     load_from_disk,
 )
 
+from . import vision
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 REQUIRED_COLUMNS = ("chosen", "rejected")
-OPTIONAL_COLUMNS = ("prompt", "tools", "chat_template_kwargs")
+OPTIONAL_COLUMNS = ("prompt", "tools", "chat_template_kwargs", *vision.IMAGE_COLUMNS)
 # apply_chat_template arguments that this module sets itself.
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {"conversation", "tools", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict"}
@@ -105,6 +114,7 @@ _FEATURES = Features(
         "prompt_loss_mask": List(Value("int8")),
         "chosen_loss_mask": List(Value("int8")),
         "rejected_loss_mask": List(Value("int8")),
+        "images": List(Value("binary")),
         "_format": Value("string"),
         "_drop": Value("string"),
         "_drop_column": Value("string"),
@@ -348,6 +358,8 @@ def _process(dataset: Dataset, tokenizer: Any, args: Any, split: str) -> Dataset
     _check_columns(dataset)
     if args.truncation_mode not in ("keep_start", "keep_end"):
         raise DataError(f"truncation_mode must be 'keep_start' or 'keep_end', got {args.truncation_mode!r}")
+    processor = tokenizer if vision.is_processor(tokenizer) else None
+    tokenizer = processor.tokenizer if processor is not None else tokenizer
     spec = _Spec(
         eos_token=tokenizer.eos_token,
         max_length=args.max_length,
@@ -359,15 +371,26 @@ def _process(dataset: Dataset, tokenizer: Any, args: Any, split: str) -> Dataset
     )
     if spec.assistant_only_loss:
         _check_generation_template(tokenizer)
-    return dataset.map(
+    return _undecoded_images(dataset).map(
         _process_row,
         with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer, "spec": spec},
+        fn_kwargs={"tokenizer": tokenizer, "spec": spec, "processor": processor},
         remove_columns=dataset.column_names,
         features=_FEATURES,
         num_proc=args.dataset_num_proc,
         desc=f"Tokenizing {split} split",
     )
+
+
+def _undecoded_images(dataset: Dataset) -> Dataset:
+    """Image columns read as ``{bytes, path}``: a corrupt image must be a bad row, not a decoding crash."""
+    for column in vision.IMAGE_COLUMNS:
+        feature = dataset.features.get(column) if dataset.features else None
+        if isinstance(feature, Image) and feature.decode:
+            dataset = dataset.cast_column(column, Image(decode=False))
+        elif isinstance(feature, List) and isinstance(feature.feature, Image) and feature.feature.decode:
+            dataset = dataset.cast_column(column, List(Image(decode=False)))
+    return dataset
 
 
 def _check_bad_rows(parts: dict[str, Dataset], on_bad_row: str) -> None:
@@ -405,7 +428,11 @@ def _finish(ds: Dataset, split: str) -> tuple[Dataset, DataReport]:
     """Report on the processed split, then keep the usable rows and the output columns."""
     report = _report(ds, split)
     kept = ds.filter(_is_kept, input_columns="_drop", batched=True, desc=f"Dropping unusable {split} rows")
-    return kept.remove_columns(list(_HELPER_COLUMNS)), report
+    kept = kept.remove_columns(list(_HELPER_COLUMNS))
+    images = kept.select_columns(["images"]).with_format("arrow")[:]["images"]
+    if not pc.sum(pc.list_value_length(images)).as_py():  # a text split keeps its text-only columns
+        kept = kept.remove_columns("images")
+    return kept, report
 
 
 def _is_kept(drops: list[str]) -> list[bool]:
@@ -465,9 +492,9 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
     return {"p50": rank[50], "p90": rank[90], "p99": rank[99], "max": ordered[-1]}
 
 
-def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec) -> dict:
+def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec, processor: Any = None) -> dict:
     out = {"row_index": index, "prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "prompt_loss_mask": [],
-           "chosen_loss_mask": [], "rejected_loss_mask": [], "_format": "", "_drop": "",
+           "chosen_loss_mask": [], "rejected_loss_mask": [], "images": [], "_format": "", "_drop": "",
            "_drop_column": "", "_drop_detail": "", "_boundary_fix": False,
            "_cut_prompt": False, "_cut_chosen": False, "_cut_rejected": False}
     try:
@@ -480,8 +507,10 @@ def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec) -> dict:
         explicit = isinstance(prompt, list if conversational else str)
         tools = _tools(row.get("tools"))
         kwargs = _template_kwargs(row.get("chat_template_kwargs"))
+        images = _images(row, conversational, processor)
+        pictures = _Pictures(processor, images) if images else None
         if conversational:
-            tokenized = _tokenize_conversation(row, explicit, tools, kwargs, tokenizer, spec)
+            tokenized = _tokenize_conversation(row, explicit, tools, kwargs, tokenizer, spec, pictures)
         elif tools or kwargs:
             column = "tools" if tools else "chat_template_kwargs"
             raise _BadRow("wrong_type", column, "needs conversational rows (lists of messages), not plain text")
@@ -489,12 +518,47 @@ def _process_row(row: dict, index: int, tokenizer: Any, spec: _Spec) -> dict:
             tokenized = _tokenize_standard(row, explicit, tokenizer, spec)
         prompt_ids, chosen_ids, rejected_ids, fixed, masks = tokenized
         out["_format"] = _format_name(conversational, explicit, prompt is not None, bool(tools), bool(kwargs))
+        if images:
+            out["_format"] += ", images"
         out["_boundary_fix"] = fixed
-        out.update(_truncate(prompt_ids, chosen_ids, rejected_ids, spec))
+        out["images"] = images
+        out.update(_truncate(prompt_ids, chosen_ids, rejected_ids, spec, pictures.start if pictures else None))
         out.update(_cut_loss_masks(masks, out))
     except _BadRow as bad:
         out.update(_drop=bad.reason, _drop_column=bad.column, _drop_detail=bad.detail)
     return out
+
+
+def _images(row: dict, conversational: bool, processor: Any) -> list[bytes]:
+    """The row's images, encoded and checked; a row with images needs messages and a vision processor."""
+    try:
+        column, images = vision.row_images(row)
+    except vision.ImageError as bad:
+        raise _BadRow("bad_image", bad.column, str(bad)) from None
+    if images and not conversational:
+        raise _BadRow("wrong_type", column, "images need conversational rows (lists of messages), not plain text")
+    if images and processor is None:
+        raise _BadRow("wrong_type", column, "the row has images, but the model has no image processor: "
+                                            "train a vision-language model (its AutoProcessor is used)")
+    return images
+
+
+@dataclass
+class _Pictures:
+    """A row's images, and (once the prompt is tokenized) the position of the first token they added."""
+
+    processor: Any
+    images: list[bytes]
+    start: int | None = None
+
+    def expand(self, prompt_text: str, text_ids: list[int]) -> list[int]:
+        """The prompt's ids with each image placeholder expanded into the image's tokens."""
+        try:
+            ids = vision.prompt_ids(self.processor, prompt_text, self.images)
+        except vision.ImageError as bad:
+            raise _BadRow("bad_image", bad.column, str(bad)) from None
+        self.start = next((i for i, (a, b) in enumerate(zip(ids, text_ids)) if a != b), len(text_ids))
+        return ids
 
 
 def _json_row(text: str) -> dict:
@@ -604,7 +668,8 @@ def _cut_loss_masks(masks: _Masks, out: dict) -> dict:
 
 
 def _tokenize_conversation(
-    row: dict, explicit: bool, tools: list[dict] | None, kwargs: dict, tokenizer: Any, spec: _Spec
+    row: dict, explicit: bool, tools: list[dict] | None, kwargs: dict, tokenizer: Any, spec: _Spec,
+    pictures: Any = None
 ) -> _Tokenized:
     """Messages: prompt rendered with the generation prompt, completion = full render minus prompt render.
 
@@ -612,19 +677,22 @@ def _tokenize_conversation(
     template's generation prompt differs from the start of its assistant turn),
     the completion text starts where the two renders diverge; when the render
     starts with it but the ids do not (BPE merge), the completion text is
-    tokenized on its own. Either way the prompt ids are exactly the prompt's.
+    tokenized on its own. Either way the prompt ids are exactly the prompt's. With ``pictures`` (the row's
+    images), message contents stay lists of parts, and the prompt's image placeholders are expanded last.
     """
-    chosen = _messages(row["chosen"], "chosen")
-    rejected = _messages(row["rejected"], "rejected")
+    chosen = _messages(row["chosen"], "chosen", pictures is not None)
+    rejected = _messages(row["rejected"], "rejected", pictures is not None)
     for column, messages in (("chosen", chosen), ("rejected", rejected)):
-        if not any((m.get("content") or "").strip() or m.get("tool_calls") for m in messages):
+        if not any(_text(m.get("content")).strip() or m.get("tool_calls") for m in messages):
             raise _BadRow("empty_completion", column, "has no message with non-empty content")
     if chosen == rejected:
         raise _BadRow("identical_completions", "chosen", "chosen and rejected are identical")
     if explicit:
-        prompt = _messages(row["prompt"], "prompt")
+        prompt = _messages(row["prompt"], "prompt", pictures is not None)
     else:
         prompt, chosen, rejected = _split_common_prefix(chosen, rejected)
+    if pictures is not None:
+        prompt = _with_image_parts(prompt, chosen, rejected, len(pictures.images))
     if not prompt:
         raise _BadRow("empty_prompt", "prompt", "the conversation has no prompt message before the completions")
     if not getattr(tokenizer, "chat_template", None):
@@ -660,7 +728,23 @@ def _tokenize_conversation(
         spans.append(_Rendered(column, messages, full, start, separate))
     masks = _conversation_masks(tokenizer, prompt, prompt_text, prompt_ids, completions, spans, render, tools, kwargs,
                                 spec)
+    if pictures is not None:
+        prompt_ids, masks = _expand_images(pictures, prompt_text, prompt_ids, masks)
     return prompt_ids, completions[0], completions[1], fixed, masks
+
+
+def _expand_images(pictures: Any, prompt_text: str, prompt_ids: list[int], masks: _Masks) -> tuple[list[int], _Masks]:
+    """The prompt's ids with its image placeholders expanded (last: the masks were found on the text's ids).
+
+    Image tokens are never scored; a prompt that scores any token (completion_only_loss=false) cannot keep
+    its mask aligned through the expansion, so such a row is refused rather than scored wrongly.
+    """
+    prompt_mask, chosen_mask, rejected_mask = masks
+    if any(prompt_mask):
+        raise _BadRow("prompt_loss_with_images", "prompt",
+                      "scoring prompt tokens (completion_only_loss=false) is not supported for rows with images")
+    expanded = pictures.expand(prompt_text, prompt_ids)
+    return expanded, ([0] * len(expanded), chosen_mask, rejected_mask)
 
 
 def _render(tokenizer: Any, messages: list[dict], tools: list[dict] | None, kwargs: dict, column: str,
@@ -792,6 +876,14 @@ def _token_mask(offsets: list[tuple[int, int]], scored: list[bool]) -> list[int]
     return [int(any(scored[a:max(b, a + 1)])) for a, b in offsets]
 
 
+def _with_image_parts(prompt: list[dict], chosen: list[dict], rejected: list[dict], count: int) -> list[dict]:
+    """The prompt with its image parts (TRL's placement when it has none); completions must have none."""
+    for column, messages in (("chosen", chosen), ("rejected", rejected)):
+        if vision.has_image_parts(messages):
+            raise _BadRow("wrong_type", column, "has an image part: images belong in the prompt")
+    return prompt if vision.has_image_parts(prompt) else vision.with_image_parts(prompt, count)
+
+
 def _drop_none(value: Any) -> Any:
     """Arrow fills absent struct keys with None; templates test ``is defined``, so remove them."""
     if isinstance(value, dict):
@@ -801,8 +893,16 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
-def _messages(value: list, column: str) -> list[dict]:
-    """The messages with None-valued keys removed; a malformed message raises _BadRow."""
+def _text(content: Any) -> str:
+    return vision.text_of(content) if isinstance(content, list) else content or ""
+
+
+def _messages(value: list, column: str, parts: bool = False) -> list[dict]:
+    """The messages with None-valued keys removed; a malformed message raises _BadRow.
+
+    A content given as a list of ``{"type": "text"}``/``{"type": "image"}`` parts stays one with
+    ``parts`` (a row with images, rendered by the processor's template) and becomes its text otherwise.
+    """
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
@@ -817,10 +917,27 @@ def _messages(value: list, column: str) -> list[dict]:
         content = message.get("content")
         if content is None and not message.get("tool_calls"):
             raise _BadRow("bad_message", column, f"message {i} has no 'content'")
-        if content is not None and not isinstance(content, str):
-            raise _BadRow("wrong_type", column, f"message {i} content: expected text, got {_type_name(content)}")
+        if isinstance(content, list):
+            _check_parts(content, column, i)
+            if not parts:
+                if any(part["type"] == "image" for part in content):
+                    raise _BadRow("wrong_type", column, f"message {i} has an image part, but the row has no "
+                                                        "images column")
+                message = {**message, "content": vision.text_of(content)}
+        elif content is not None and not isinstance(content, str):
+            raise _BadRow("wrong_type", column,
+                          f"message {i} content: expected text or a list of parts, got {_type_name(content)}")
         messages.append(message)
     return messages
+
+
+def _check_parts(content: list, column: str, i: int) -> None:
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "image") or (kind == "text" and not isinstance(part.get("text"), str)):
+            raise _BadRow("bad_message", column, f"message {i} content part {j}: expected "
+                                                 '{"type": "text", "text": ...} or {"type": "image"}, got '
+                                                 f"{part!r:.80}")
 
 
 def _tools(value: Any) -> list[dict] | None:
@@ -850,11 +967,19 @@ def _template_kwargs(value: Any) -> dict:
     return _drop_none(value)
 
 
-def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], spec: _Spec) -> dict:
-    """Apply the module docstring's truncation rules; raise _BadRow with a length reason to drop the row."""
+def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], spec: _Spec,
+              image_start: int | None = None) -> dict:
+    """Apply the module docstring's truncation rules; raise _BadRow with a length reason to drop the row.
+
+    ``image_start``: the position of the first image token of the prompt; no cut may reach it.
+    """
     cut = {"_cut_prompt": False, "_cut_chosen": False, "_cut_rejected": False}
 
     def keep_prompt_end(ids: list[int], n: int) -> list[int]:
+        if image_start is not None and len(ids) - n > image_start:
+            raise _BadRow("image_tokens_truncated", "images",
+                          f"keeping the last {n} of the prompt's {len(ids)} tokens would cut its image tokens "
+                          f"(the first is token {image_start}); raise max_length / max_prompt_length")
         if len(ids) > n:
             cut["_cut_prompt"] = True
             return ids[len(ids) - n:]

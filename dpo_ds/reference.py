@@ -222,8 +222,9 @@ class CachedReference(Reference):
 # ----------------------------------------------------------------------------- the cache
 
 def dataset_fingerprint(dataset) -> str:
-    """SHA-256 of the tokenized rows (row_index, the prompt/chosen/rejected ids and loss masks): exact, and the same
-    in every process that tokenizes the same data with the same settings."""
+    """SHA-256 of the tokenized rows (row_index, the prompt/chosen/rejected ids and loss masks, and the encoded
+    images of a vision split): exact, and the same in every process that tokenizes the same data with the
+    same settings."""
     import pyarrow.compute as pc
 
     digest = hashlib.sha256()
@@ -235,14 +236,27 @@ def dataset_fingerprint(dataset) -> str:
                 digest.update(np.asarray(pc.list_value_length(column), dtype=np.int64).tobytes())
                 column = pc.list_flatten(column)
             digest.update(np.asarray(column, dtype=np.int64).tobytes())
+    if "images" in dataset.column_names:
+        for images in dataset.select_columns(["images"]).with_format("arrow").iter(batch_size=1024):
+            for row in images["images"].to_pylist():
+                digest.update(np.asarray([len(row)] + [len(image) for image in row], dtype=np.int64).tobytes())
+                for image in row:
+                    digest.update(image)
     return digest.hexdigest()
 
 
-def cache_key(args, dataset, model_digest: str) -> dict:
-    """Everything a split's reference values depend on: data content, model weights, settings."""
+def cache_key(args, dataset, model_digest: str, image_settings: Optional[str] = None) -> dict:
+    """Everything a split's reference values depend on: data content, model weights, settings.
+
+    ``image_settings``: the digest of a vision model's image-processor settings, which turn the
+    images (in the data fingerprint) into pixels.
+    """
     settings = {name: getattr(args, name, None) for name in _VALUE_SETTINGS + _TOKEN_SETTINGS}
     settings["model_init_dtype"] = str((args.model_init_kwargs or {}).get("dtype", "float32"))
-    return {"format": CACHE_FORMAT, "model": model_digest, "data": dataset_fingerprint(dataset), "settings": settings}
+    key = {"format": CACHE_FORMAT, "model": model_digest, "data": dataset_fingerprint(dataset), "settings": settings}
+    if image_settings is not None:
+        key["image_processor"] = image_settings
+    return key
 
 
 def cache_directory(args, key: dict) -> Path:
@@ -319,13 +333,13 @@ def load_table(directory: Path, row_index: list[int]) -> Tensor:
 
 
 def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[[list[dict]], dict],
-                batch_sizes: dict[str, int]) -> CachedReference:
+                batch_sizes: dict[str, int], image_settings: Optional[str] = None) -> CachedReference:
     """Look up (or compute and store) the cached reference log-probs of each split. Collective."""
     release_gathered(source.engine)
     model_digest = weights_digest(source.identity())
     tables, directories = {}, {}
     for split, dataset in splits.items():
-        key = cache_key(args, dataset, model_digest)
+        key = cache_key(args, dataset, model_digest, image_settings)
         directory = cache_directory(args, key)
         if _rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
@@ -342,14 +356,15 @@ def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[
 
 def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_config: dict,
                     splits: dict, batches: Callable[[list[dict]], dict],
-                    batch_sizes: dict[str, int], separate_model: bool) -> tuple[Reference, Any]:
+                    batch_sizes: dict[str, int], separate_model: bool,
+                    image_settings: Optional[str] = None) -> tuple[Reference, Any]:
     """The run's reference strategy and the reference engine it keeps alive (None when there is none).
 
     `load_reference()` loads the reference model (called only when one is
     needed); `separate_model` says whether it differs from the policy's
     starting point. For a precomputation without a separate model, the policy
     engine itself, before its first step, is the reference: no second model is
-    loaded at all.
+    loaded at all. ``image_settings``: see ``cache_key``.
     """
     if not needs_reference(args):
         return Reference(), None
@@ -365,7 +380,7 @@ def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_conf
                                  args.ref_model_sync_steps if args.sync_ref_model else 0)
     if not args.precompute_ref_log_probs:
         return online, engine
-    cached = precomputed(online, args, splits, batches, batch_sizes)
+    cached = precomputed(online, args, splits, batches, batch_sizes, image_settings)
     if engine is not None:
         engine.destroy()
     return cached, None
@@ -384,16 +399,22 @@ def run_precompute(args) -> dict[str, Path]:
     from .collate import PreferenceCollator
     from .config import load_deepspeed_config, reference_deepspeed_config
     from .data import load_preference_data
-    from .models import adapter_base_path, disable_dropout, load_model, load_policy_model, load_tokenizer
+    from .models import adapter_base_path, disable_dropout, load_model, load_policy_model
     from .models import reference_args, resolve_model_path
     from .packing import inputs_for
+    from .vision import check_layout, is_processor, load_processing_class, processor_digest
 
-    tokenizer = load_tokenizer(args.model_name_or_path, args)
-    data = load_preference_data(args, tokenizer)
+    processing = load_processing_class(args.model_name_or_path, args)
+    processor = processing if is_processor(processing) else None
+    if processor is not None:
+        check_layout(args)
+    tokenizer = processor.tokenizer if processor is not None else processing
+    data = load_preference_data(args, processing)
     splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
     source = resolve_model_path(args.ref_model_name_or_path or args.model_name_or_path)
     hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(source) or source,
-                                                trust_remote_code=args.trust_remote_code), "hidden_size", None)
+                                                trust_remote_code=args.trust_remote_code).get_text_config(),
+                     "hidden_size", None)
     ref_config = reference_deepspeed_config(args, load_deepspeed_config(args, _world(), hidden_size=hidden,
                                                                         num_training_steps=1), on_cpu=on_cpu())
 
@@ -408,9 +429,10 @@ def run_precompute(args) -> dict[str, Path]:
     engine = build_reference_engine(model, args, ref_config)
     online = AdapterReference(engine, args.ld_alpha) if is_peft_model(model) else EngineReference(engine, args.ld_alpha)
     collator = PreferenceCollator(tokenizer.pad_token_id, padding_side=args.padding_side,
-                                  pad_to_multiple_of=args.pad_to_multiple_of)
+                                  pad_to_multiple_of=args.pad_to_multiple_of, processor=processor)
     cached = precomputed(online, args, splits, lambda rows: inputs_for(collator(rows), args, engine.device),
-                         {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size})
+                         {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size},
+                         processor_digest(processor) if processor is not None else None)
     engine.destroy()
     del handle
     return cached.directories

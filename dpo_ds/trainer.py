@@ -13,7 +13,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader, Subset
 
-from . import checkpoint, hub, preemption
+from . import checkpoint, hub, preemption, vision
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
@@ -144,14 +144,19 @@ class DPOTrainer:
         _set_tf32(a.tf32)
         model = model if model is not None else a.model_name_or_path
         model_path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
-        self.tokenizer = processing_class or load_tokenizer(model_path or "builtin", a)
+        # A vision-language model tokenizes with its processor (images included); None for a text model.
+        self.processor = vision.processor_for(model, processing_class, a)
+        if self.processor is not None:
+            vision.check_layout(a)
+        self.tokenizer = self.processor.tokenizer if self.processor is not None else (
+            processing_class or load_tokenizer(model_path or "builtin", a))
         self.train_data, self.eval_data, self.data_reports = self._datasets(train_dataset, eval_dataset)
         if self.eval_data is None and (_best_metric(a)[0] is not None and a.eval_strategy != "no"):
             raise ValueError("load_best_model_at_end / save_strategy=best / metric_for_best_model / "
                              f"lr_scheduler_type={a.lr_scheduler_type} rank evaluations, but there is no eval "
                              "dataset (eval_dataset=None and no eval split)")
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, padding_side=a.padding_side,
-                                           pad_to_multiple_of=a.pad_to_multiple_of)
+                                           pad_to_multiple_of=a.pad_to_multiple_of, processor=self.processor)
 
         steps_per_epoch = len(self.train_data) // (a.per_device_train_batch_size * _world()
                                                    * a.gradient_accumulation_steps)
@@ -163,12 +168,12 @@ class DPOTrainer:
         self.warmup_steps = a.get_warmup_steps(self.total_steps)
 
         load = model if not isinstance(model, str) else resolve_model_path(model)
-        hidden = None if isinstance(load, str) else getattr(load.config, "hidden_size", None)
+        hidden = None if isinstance(load, str) else getattr(load.config.get_text_config(), "hidden_size", None)
         if hidden is None:
             from transformers import AutoConfig
 
-            hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(load) or load,
-                                                        trust_remote_code=a.trust_remote_code), "hidden_size", None)
+            hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(load) or load, trust_remote_code=a
+                                                        .trust_remote_code).get_text_config(), "hidden_size", None)
         ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
         policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
         self.model = policy_model
@@ -183,7 +188,8 @@ class DPOTrainer:
             a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
             splits, lambda rows: inputs_for(self.collator(rows), a, policy.device),
             {"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
-            separate_model=ref_model is not None or bool(a.ref_model_name_or_path))
+            separate_model=ref_model is not None or bool(a.ref_model_name_or_path),
+            image_settings=vision.processor_digest(self.processor) if self.processor is not None else None)
         # The policy's ZeRO settings stay the ones transformers sees during training.
         _, handle = load_for_engine(lambda: None, ds_config)
         self.engines = Engines(policy, reference, ds_config, ref_ds if reference is not None else None, handle)
@@ -206,14 +212,15 @@ class DPOTrainer:
     # ----------------------------------------------------------------- setup
     def _datasets(self, train_dataset, eval_dataset):
         a = self.args
+        processing = self.processor or self.tokenizer
         if train_dataset is None:
-            data = load_preference_data(a, self.tokenizer)
+            data = load_preference_data(a, processing)
             return data.train, data.eval, {"train": data.train_report, "eval": data.eval_report}
-        train, report = prepare_dataset(train_dataset, self.tokenizer, a, "train")
+        train, report = prepare_dataset(train_dataset, processing, a, "train")
         reports = {"train": report}
         evald = None
         if eval_dataset is not None:
-            evald, reports["eval"] = prepare_dataset(eval_dataset, self.tokenizer, a, "eval")
+            evald, reports["eval"] = prepare_dataset(eval_dataset, processing, a, "eval")
         return train, evald, reports
 
     def _load(self, source, fresh: bool = False):
@@ -419,7 +426,6 @@ class DPOTrainer:
 
     def _finish_window(self, acc: MeanAccumulator, seconds: float, steps: int) -> dict:
         """Reduce the window's metrics across ranks and add the throughput figures."""
-        a = self.args
         totals = acc.reduce()
         window = self.window.to(self.engines.policy.device)
         if dist.is_initialized():
@@ -537,9 +543,10 @@ class DPOTrainer:
         base weights as a plain model.
         """
         out = output_dir or self.args.output_dir
+        processing = self.processor or self.tokenizer  # a processor saves its tokenizer too
         if is_peft_model(self.model):
-            return export_peft(self.engines.policy, self.model, self.tokenizer, out)
-        return checkpoint.export_hf(self.engines.policy, self.model, self.tokenizer, out)
+            return export_peft(self.engines.policy, self.model, processing, out)
+        return checkpoint.export_hf(self.engines.policy, self.model, processing, out)
 
     def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
                     token: Optional[str] = None, revision: Optional[str] = None,

@@ -338,7 +338,7 @@ CONVERSATION_BAD = [
     ({"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("a")]},
      "chosen", "identical_completions", "identical"),
     ({"prompt": [user("hi")], "chosen": [assistant(7)], "rejected": [assistant("b")]},
-     "chosen", "wrong_type", "message 0 content: expected text, got int"),
+     "chosen", "wrong_type", "message 0 content: expected text or a list of parts, got int"),
     ({"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")], "tools": '{"name": "f"}'},
      "tools", "wrong_type", "expected a list of JSON schema objects, got dict"),
     ({"prompt": [user("hi")], "chosen": [assistant("a")], "rejected": [assistant("b")],

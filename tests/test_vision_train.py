@@ -52,7 +52,7 @@ def probe(base_dir: str, data: str, out: str, *archs: str) -> None:
         processor = qwen2_vl_processor(base_dir) if arch == "qwen2_vl" else None
         trainer = DPOTrainer(args=config(arch, name, **kw), processing_class=processor)
         losses = [h["loss"] for h in trainer.train()["history"]]
-        trainer.export()
+        trainer.save_model()
         return losses
 
     distributed.init()
@@ -94,7 +94,7 @@ def test_zero3_offloaded_reference_each_architecture_trains_and_exports_qwen2_vl
         full = results[arch]["full"]
         assert len(full) == 4 and full[0] == pytest.approx(math.log(2), abs=1e-6), arch  # policy == reference
         assert full[-1] < full[0], arch
-        export = tmp_path / f"{arch}-full" / "final"
+        export = tmp_path / f"{arch}-full"
         trained = AutoModelForImageTextToText.from_pretrained(export).state_dict()
         start = AutoModelForImageTextToText.from_pretrained(tmp_path / arch).state_dict()
         moved = [k for k in trained if not torch.equal(trained[k], start[k])]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -258,9 +259,23 @@ def _read_parts(directory: Path) -> tuple[Tensor, Tensor]:
 
 def _write_part(directory: Path, rows: list[int], values: list[Tensor]) -> None:
     path = directory / f"part-{rows[0]:012d}.pt"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     torch.save({"row_index": torch.tensor(rows, dtype=torch.long), "logps": torch.cat(values).float()}, tmp)
     os.replace(tmp, path)
+
+
+def _remove_stale_parts(directory: Path) -> None:
+    """Delete the temporary part files of writers on this host that died before renaming them (a killed
+    pass); a live writer's, or another host's on shared storage, stay."""
+    host = socket.gethostname()
+    for tmp in directory.glob(f".part-*.{host}.*.tmp"):
+        pid = int(tmp.name.rsplit(".", 2)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def precompute(source: _OnlineReference, dataset, directory: Path, batches: Callable[[list[dict]], dict],
@@ -274,6 +289,8 @@ def precompute(source: _OnlineReference, dataset, directory: Path, batches: Call
     `batches(rows)` turns dataset rows into PreferenceModel inputs.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    if _rank() == 0:
+        _remove_stale_parts(directory)
     _barrier()
     done = set(_read_parts(directory)[0].tolist())
     row_index = [int(r) for r in dataset.with_format("numpy")["row_index"]]

@@ -282,6 +282,14 @@ def check_shapes(state: dict[str, torch.Tensor], config) -> None:
             f"{k}: missing" for k in missing]))
 
 
+def check_finite(state: dict[str, torch.Tensor]) -> None:
+    """An export never holds a NaN or an infinity: refuse naming the tensors (a diverged run)."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise RuntimeError(f"refusing to export non-finite weights: {len(bad)} tensor(s) hold NaN or inf, "
+                           f"first {bad[:5]}")
+
+
 def _meta_model(config):
     """The model's skeleton on the meta device (no memory), never under ZeRO-3 initialization."""
     from transformers import AutoModelForCausalLM
@@ -308,6 +316,7 @@ def export_hf(engine, model, tokenizer, out_dir: str | Path) -> Optional[Path]:
     state = consolidated_state_dict(engine)
     if _rank() == 0:
         check_shapes(state, model.config)
+        check_finite(state)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
@@ -345,6 +354,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         full = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
     check_shapes(state, config)
+    check_finite(state)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _meta_model(config).save_pretrained(out, state_dict=state, safe_serialization=True)

@@ -53,6 +53,94 @@ def _grad_norm(engine) -> float:
         else 0.0
 
 
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm that the run must not train past (raised on every rank)."""
+
+
+class NonFiniteGuard:
+    """The divergence guard: one all-reduce per optimizer step gives every rank the same decision.
+
+    A non-finite micro-batch loss is turned into NaN gradients (the loss times NaN), so DeepSpeed's
+    optimizers, which skip an update whose gradient norm is not finite, discard it on every rank; the
+    stage-0 fp32 engine runs a plain torch optimizer, whose update the guard discards itself.
+    """
+
+    def __init__(self, args: DPOConfig, engine):
+        self.args, self.engine = args, engine
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=engine.device)
+        self.in_a_row, self.discarded = 0, False
+        if hasattr(engine.optimizer, "check_grad_overflow"):
+            # ZeRO-1/2 in bf16 checks the norm only with this set; a NaN update must never be applied.
+            engine.optimizer.check_grad_overflow = True
+
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate: itself when finite, else one whose gradients are NaN (no host sync)."""
+        finite = torch.isfinite(loss.detach())
+        self.bad_loss |= ~finite
+        return loss * torch.where(finite, 1.0, float("nan"))
+
+    def before_step(self, grad_norm: Optional[float]) -> Optional[str]:
+        """Collective, at the boundary: what is non-finite and on which rank ("loss on rank 1"), or None.
+
+        `grad_norm` is the full norm a stage-0 engine computed before its step (None under ZeRO, whose
+        optimizer checks its own)."""
+        bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
+        flags = torch.stack([self.bad_loss, torch.tensor(bad_grad, device=self.bad_loss.device)]).float()
+        flags *= _rank() + 1
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.bad_loss.zero_()
+        loss_rank, grad_rank = (int(v) - 1 for v in flags.tolist())
+        if loss_rank >= 0:
+            return f"loss on rank {loss_rank}"
+        if grad_rank >= 0:
+            return f"gradient norm on rank {grad_rank}"
+        return None
+
+    def discard(self) -> None:
+        """Make the coming `engine.step()` a no-op update of a plain torch optimizer: no gradients, and the
+        engine counts it skipped and leaves the scheduler alone (DeepSpeed's own overflow path)."""
+        for p in self.engine.module.parameters():
+            p.grad = None
+        self.engine.optimizer.overflow = True
+        self.discarded = True
+
+    def after_step(self, step: int, what: Optional[str], output_dir: str) -> bool:
+        """Whether the step counts as progress (a skipped one does not); raises Diverged to stop the run.
+
+        `what` is `before_step`'s finding; an update DeepSpeed skipped by itself is an fp16 overflow, or
+        under ZeRO a non-finite gradient norm."""
+        engine = self.engine
+        if self.discarded:
+            del engine.optimizer.overflow
+            self.discarded = False
+        if engine.was_step_applied() and what is None:
+            self.in_a_row = 0
+            return True
+        if what is not None:
+            what = f"non-finite {what}"
+        elif engine.fp16_enabled():
+            what = "fp16 gradient overflow"
+        else:
+            what = "non-finite gradient norm (the norm over all ranks)"
+        if self.args.on_nonfinite == "stop" and not what.startswith("fp16"):
+            raise Diverged(f"{what} at step {step}: stopped, nothing new saved; {_resume_hint(output_dir)}")
+        self.in_a_row += 1
+        if self.in_a_row >= self.args.max_skipped_steps:
+            raise Diverged(f"{self.in_a_row} steps in a row skipped (max_skipped_steps="
+                           f"{self.args.max_skipped_steps}), the last for a {what} at step {step}: stopped, "
+                           f"nothing new saved; {_resume_hint(output_dir)}")
+        if _rank() == 0:
+            logger.warning("step %d skipped (%d in a row): %s", step, self.in_a_row, what)
+        return False
+
+
+def _resume_hint(output_dir: str) -> str:
+    """Where to resume a stopped run from: the newest complete checkpoint."""
+    found = checkpoint.complete_checkpoints(output_dir)
+    return f"the last complete checkpoint is {found[-1]}" if found else "there is no complete checkpoint to resume from"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -141,7 +229,7 @@ class DPOTrainer:
         # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
         self.window = torch.zeros(2, dtype=torch.float64)
         # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
-        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0}
+        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "skipped": 0}
         self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
             if _rank() == 0 else None
 
@@ -218,10 +306,11 @@ class DPOTrainer:
         if resume is not None:
             client = checkpoint.load(policy, resume)
             self.reference.load(resume)
-            self.state.update({k: client[k] for k in self.state})
+            self.state.update({k: client.get(k, v) for k, v in self.state.items()})  # older: no skipped
             _set_rng_state(client["rng"])
             logger.info("resumed from %s at step %d", resume, self.state["global_step"])
         preemption.install()
+        guard = NonFiniteGuard(a, policy)
         if _rank() == 0:
             Path(a.output_dir).mkdir(parents=True, exist_ok=True)
             a.save(os.path.join(a.output_dir, "config.yaml"))
@@ -240,15 +329,23 @@ class DPOTrainer:
             for batch, w in zip(loader, weights):
                 policy.train()
                 loss = self._forward(batch, w, acc, train=True)
-                policy.backward(loss)
+                policy.backward(guard.watch(loss))
                 boundary = policy.is_gradient_accumulation_boundary()
                 if boundary:
                     # Logged as TRL does: the rate this step used, the norm before clipping.
                     self.step_lr = policy.get_lr()[0]
                     unpartitioned_norm = _grad_norm(policy) if policy.zero_optimization_stage() == 0 else None
+                    nonfinite = guard.before_step(unpartitioned_norm)
+                    if nonfinite is not None and checkpoint.is_replicated(policy):
+                        guard.discard()
                 policy.step()
                 self.state["samples_in_epoch"] += per_micro
                 if not boundary:
+                    continue
+                if not guard.after_step(self.state["global_step"] + 1, nonfinite, a.output_dir):
+                    self.state["skipped"] += 1  # not "skipped_steps": DeepSpeed's own key in a checkpoint
+                    self._log({"global_step": self.state["global_step"] + 1,
+                               "skipped_steps": self.state["skipped"]}, bar)
                     continue
                 self.state["global_step"] += 1
                 step = self.state["global_step"]
@@ -419,6 +516,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"dpo_ds: done; model saved to {out}")
         distributed.shutdown()
         return 0
+    except Diverged as e:  # decided alike on every rank: a clean collective exit
+        if _rank() == 0:
+            print(f"dpo_ds: {e}", file=sys.stderr)
+        distributed.shutdown()
+        return 1
     except Exception:
         traceback.print_exc()
         sys.stderr.flush()

@@ -51,3 +51,39 @@ def test_stale_temp_parts_of_a_dead_writer_are_removed(tmp_path):
         path.write_bytes(b"x")
     _remove_stale_parts(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, other_host, finished))
+
+
+def test_divergence_stops_with_the_step_quantity_rank_and_checkpoint(tmp_path, tiny_model_dir):
+    """A learning rate of 1e30 blows the weights up after one update: the loss of step 2 is not finite."""
+    proc = run_fault(tmp_path, tiny_model_dir, "--learning_rate", "1e30", "--max_steps", "5", "--save_steps", "1")
+    assert proc.returncode == 1, proc.output[-4000:]
+    # Under ZeRO-2 the huge weights overflow the gradients first (DeepSpeed's norm is over all ranks).
+    assert "dpo_ds: non-finite gradient norm (the norm over all ranks) at step 2: stopped, nothing new saved; the " \
+        f"last complete checkpoint is {tmp_path / 'out' / 'checkpoint-1'}" in proc.output, proc.output[-3000:]
+    assert "Traceback" not in proc.output
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_divergence_skip_logs_skipped_steps_and_stops_after_max_in_a_row(tmp_path, tiny_model_dir):
+    proc = run_fault(tmp_path, tiny_model_dir, "--learning_rate", "1e30", "--max_steps", "5", "--save_steps",
+                     "none", "--on_nonfinite", "skip", "--max_skipped_steps", "3")
+    assert proc.returncode == 1, proc.output[-4000:]
+    rows = read_metrics(tmp_path / "out" / "metrics.jsonl")
+    # Step 1 trains; every later step sees the blown-up weights: skipped, not counted, 3 in a row then stop.
+    assert [r["global_step"] for r in rows if "loss" in r] == [1]
+    assert [(r["global_step"], r["skipped_steps"]) for r in rows if "skipped_steps" in r] == [(2, 1), (2, 2)]
+    assert "3 steps in a row skipped (max_skipped_steps=3), the last for a non-finite " in proc.output
+    assert "there is no complete checkpoint to resume from" in proc.output
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_export_refuses_non_finite_tensors_naming_them():
+    import torch
+
+    from dpo_ds.checkpoint import check_finite
+
+    check_finite({"a": torch.ones(2), "steps": torch.tensor([3])})
+    with pytest.raises(RuntimeError, match=r"non-finite weights: 2 tensor\(s\).*\['layer.0.weight', 'lm_head.bias'\]"):
+        check_finite({"layer.0.weight": torch.tensor([1.0, float("nan")]), "ok": torch.zeros(3),
+                      "lm_head.bias": torch.tensor([float("-inf")])})

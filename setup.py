@@ -27,6 +27,7 @@ setup(
         "numpy",
         "ninja",
         "matplotlib",  # dpo-ds sweep's plot
+        "xxhash",  # checkpoint checksums in COMPLETE
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0", "tensorboard", "mpi4py", "triton"],

@@ -240,8 +240,7 @@ class DPOConfig:
 
     # --- reliability (issue 14) ---
     on_nonfinite: str = "stop"
-    """A non-finite loss or gradient norm on any rank: stop (save nothing new, exit naming the step, the
-    quantity, the rank and the checkpoint to resume from) or skip (discard that step's update)."""
+    """A non-finite loss or gradient norm on any rank: stop (exit, naming the checkpoint to resume from) or skip."""
     max_skipped_steps: int = 10
     """Stop after this many skipped steps in a row (non-finite with on_nonfinite=skip, or fp16 overflow)."""
     max_dropped_fraction: float = 0.5

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import preemption
 from .distributed import barrier as _barrier, on_cpu, rank as _rank, world_size as _world
 from .engines import build_reference_engine, load_for_engine, mix_weights, release_gathered, weights_digest
 from .losses import PairLogps, needs_reference
@@ -303,6 +304,11 @@ def precompute(source: _OnlineReference, dataset, directory: Path, batches: Call
     rows: list[int] = []
     values: list[Tensor] = []
     for start in range(0, len(mine), batch_size):
+        if preemption.requested(source.engine.device):  # collective: every rank stops at the same batch
+            if rows:
+                _write_part(directory, rows, values)
+            _barrier()
+            preemption.stop(f"stopped the reference precomputation into {directory}, the rows done so far saved")
         slots = mine[start:start + batch_size]
         inputs = batches([dataset[i if i >= 0 else 0] for i in slots])
         out = pair_logps(source.token_logps(inputs), _label_mask(inputs), source.ld_alpha)
@@ -344,8 +350,9 @@ def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[
         if _rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-        tables[split] = precompute(source, dataset, directory, batches, args.precompute_ref_batch_size
-                                   or batch_sizes[split])
+        with preemption.phase("precompute"):
+            tables[split] = precompute(source, dataset, directory, batches, args.precompute_ref_batch_size
+                                       or batch_sizes[split])
         directories[split] = directory
         if _rank() == 0:
             logger.info("reference log-probs of the %s split: %s", split, directory)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from . import checkpoint, preemption
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
-from .data import load_preference_data, prepare_dataset
+from .data import DataError, load_preference_data, prepare_dataset
 from .distributed import on_cpu, rank as _rank, world_size as _world
 from .engines import Engines, build_policy_engine, export_peft, load_for_engine
 from .losses import compute_loss
@@ -124,21 +124,15 @@ class NonFiniteGuard:
         else:
             what = "non-finite gradient norm (the norm over all ranks)"
         if self.args.on_nonfinite == "stop" and not what.startswith("fp16"):
-            raise Diverged(f"{what} at step {step}: stopped, nothing new saved; {_resume_hint(output_dir)}")
+            raise Diverged(f"{what} at step {step}: stopped, nothing new saved; {checkpoint.last_complete(output_dir)}")
         self.in_a_row += 1
         if self.in_a_row >= self.args.max_skipped_steps:
             raise Diverged(f"{self.in_a_row} steps in a row skipped (max_skipped_steps="
                            f"{self.args.max_skipped_steps}), the last for a {what} at step {step}: stopped, "
-                           f"nothing new saved; {_resume_hint(output_dir)}")
+                           f"nothing new saved; {checkpoint.last_complete(output_dir)}")
         if _rank() == 0:
             logger.warning("step %d skipped (%d in a row): %s", step, self.in_a_row, what)
         return False
-
-
-def _resume_hint(output_dir: str) -> str:
-    """Where to resume a stopped run from: the newest complete checkpoint."""
-    found = checkpoint.complete_checkpoints(output_dir)
-    return f"the last complete checkpoint is {found[-1]}" if found else "there is no complete checkpoint to resume from"
 
 
 def seed_everything(seed: int) -> None:
@@ -189,6 +183,7 @@ class DPOTrainer:
         model_path = model if isinstance(model, str) else getattr(model, "name_or_path", None)
         self.tokenizer = processing_class or load_tokenizer(model_path or "builtin", a)
         self.train_data, self.eval_data, self.data_reports = self._datasets(train_dataset, eval_dataset)
+        self._report_data()
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, padding_side=a.padding_side,
                                            pad_to_multiple_of=a.pad_to_multiple_of)
 
@@ -229,6 +224,7 @@ class DPOTrainer:
         # [tokens, pairs] processed by this rank since the last log (padding slots excluded).
         self.window = torch.zeros(2, dtype=torch.float64)
         # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
+        self.resumed_from: Optional[Path] = None  # rotation keeps it
         self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "skipped": 0}
         self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
             if _rank() == 0 else None
@@ -245,6 +241,23 @@ class DPOTrainer:
         if eval_dataset is not None:
             evald, reports["eval"] = prepare_dataset(eval_dataset, self.tokenizer, a, "eval")
         return train, evald, reports
+
+    def _report_data(self) -> None:
+        """Rank 0 logs what preparation kept, dropped (by reason) and truncated, so that a run never trains
+        on a fraction of its data unnoticed; more than max_dropped_fraction of the train rows dropped stops it."""
+        for report in self.data_reports.values():
+            if report is not None and _rank() == 0:
+                dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
+                truncated = ", ".join(f"{n} {part}" for part, n in report.truncated.items()) or "none"
+                logger.info("data report, %s split: %d rows read, %d kept; dropped: %s; truncated: %s",
+                            report.split, report.rows_read, report.rows_kept, dropped, truncated)
+        train = self.data_reports["train"]
+        lost = train.rows_read - train.rows_kept
+        if train.rows_read and lost / train.rows_read > self.args.max_dropped_fraction:
+            raise DataError(f"{lost} of the {train.rows_read} train rows were dropped in preparation "
+                            f"({', '.join(f'{n} {r}' for r, n in sorted(train.dropped.items()))}), more than "
+                            f"max_dropped_fraction={self.args.max_dropped_fraction}: fix the data or the length "
+                            "limits, or raise max_dropped_fraction")
 
     def _load(self, source, fresh: bool = False):
         """Load (or copy, for an in-memory policy used as its own reference) a model."""
@@ -303,6 +316,9 @@ class DPOTrainer:
         a = self.args
         policy = self.engines.policy
         resume = checkpoint.resolve_resume(a.resume_from_checkpoint, a.output_dir)
+        if a.resume_from_checkpoint:
+            checkpoint.set_aside_newer(a.output_dir, resume)
+        self.resumed_from = resume
         if resume is not None:
             client = checkpoint.load(policy, resume)
             self.reference.load(resume)
@@ -448,8 +464,11 @@ class DPOTrainer:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
-        for batch, w in batches:
-            self._forward(batch, w, acc, train=False)
+        with preemption.phase("eval"):
+            for batch, w in batches:
+                # Collective: a signal stops the evaluation at this batch on every rank, and saves the step.
+                preemption.stop_if_requested(self.state["global_step"], self.save, self.engines.policy.device)
+                self._forward(batch, w, acc, train=False)
         totals = acc.reduce()
         self.window.copy_(train_window)
         self.engines.policy.train()
@@ -458,9 +477,11 @@ class DPOTrainer:
     # ----------------------------------------------------------------- saving
     def save(self, step: int) -> Path:
         client = {**self.state, "rng": _rng_state()}
+        checkpoint.begin_save(self.args.output_dir, step)
         # Inside the checkpoint directory before checkpoint.save marks it complete.
         self.reference.save(Path(self.args.output_dir) / f"checkpoint-{step}")
-        return checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit)
+        return checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit,
+                               keep=self.resumed_from)
 
     def export(self, out_dir: Optional[str] = None) -> Path:
         """Save the policy in Hugging Face format (collective: call on every rank).
@@ -506,11 +527,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed's ZeRO-3 calls torch's deprecated collective names on every step: one line each, no signal.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
+    preemption.install("setup")  # a signal before training starts: nothing to save, exit 75 at once
     try:
-        distributed.init()
+        distributed.init(args.ddp_timeout)
         trainer = DPOTrainer(args=args)
         trainer.train()
-        out = trainer.export()
+        with preemption.phase("export"):
+            out = trainer.export()
         trainer.close()
         if _rank() == 0:
             print(f"dpo_ds: done; model saved to {out}")
@@ -521,6 +544,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"dpo_ds: {e}", file=sys.stderr)
         distributed.shutdown()
         return 1
+    except DataError as e:  # the same on every rank: one line, no traceback
+        if _rank() == 0:
+            print(f"dpo_ds: data error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+    except checkpoint.CheckpointError as e:  # one line that names the checkpoint, no traceback
+        print(f"dpo_ds: rank {_rank()}: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
     except Exception:
         traceback.print_exc()
         sys.stderr.flush()

@@ -201,7 +201,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, save_tot
             _atomic_write(path / OPTIMIZER_PARAM_NAMES, json.dumps(optimizer_param_names(engine)))
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         _barrier()
-        files = _from_rank0(checkpoint_files(path))
+        files = _from_rank0(checkpoint_files(path) if _rank() == 0 else None)
         for rel in files:  # each rank flushes what it wrote (a no-op for files clean on this node)
             _fsync(path / rel)
         _barrier()

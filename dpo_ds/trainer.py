@@ -98,11 +98,15 @@ class NonFiniteGuard:
         return None
 
     def discard(self) -> None:
-        """Make the coming `engine.step()` a no-op update of a plain torch optimizer: no gradients, and the
-        engine counts it skipped and leaves the scheduler alone (DeepSpeed's own overflow path)."""
+        """Make the coming `engine.step()` leave a plain torch optimizer untouched: its step is a no-op
+        (zeroed gradients keep DeepSpeed's clipping quiet), and the engine counts the step skipped and leaves
+        the scheduler alone (DeepSpeed's own overflow path). `after_step` restores the optimizer."""
         for p in self.engine.module.parameters():
-            p.grad = None
-        self.engine.optimizer.overflow = True
+            if p.grad is not None:
+                p.grad.zero_()
+        optimizer = self.engine.optimizer
+        optimizer.step = lambda *args, **kwargs: None  # shadows the method for this one step
+        optimizer.overflow = True
         self.discarded = True
 
     def after_step(self, step: int, what: Optional[str], output_dir: str) -> bool:
@@ -112,7 +116,7 @@ class NonFiniteGuard:
         under ZeRO a non-finite gradient norm."""
         engine = self.engine
         if self.discarded:
-            del engine.optimizer.overflow
+            del engine.optimizer.overflow, engine.optimizer.step
             self.discarded = False
         if engine.was_step_applied() and what is None:
             self.in_a_row = 0

@@ -36,6 +36,7 @@ def run_fault(tmp_path: Path, model_dir: str, *extra: str, timeout: int = 240, *
     return proc
 
 
+@pytest.mark.slow
 def test_two_rank_run_leaves_no_shm_buffer(tmp_path, tiny_model_dir):
     proc = run_fault(tmp_path, tiny_model_dir, "--max_steps", "1", "--save_steps", "none")
     assert proc.returncode == 0, proc.output[-4000:]
@@ -59,6 +60,7 @@ def test_stale_temp_parts_of_a_dead_writer_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, other_host, finished))
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_the_step_quantity_rank_and_checkpoint(tmp_path, tiny_model_dir):
     """A learning rate of 1e30 blows the weights up after one update: the loss of step 2 is not finite."""
     proc = run_fault(tmp_path, tiny_model_dir, "--learning_rate", "1e30", "--max_steps", "5", "--save_steps", "1")
@@ -71,6 +73,7 @@ def test_divergence_stops_with_the_step_quantity_rank_and_checkpoint(tmp_path, t
     assert not (tmp_path / "out" / "final").exists()
 
 
+@pytest.mark.slow
 def test_divergence_skip_logs_skipped_steps_and_stops_after_max_in_a_row(tmp_path, tiny_model_dir):
     proc = run_fault(tmp_path, tiny_model_dir, "--learning_rate", "1e30", "--max_steps", "5", "--save_steps",
                      "none", "--on_nonfinite", "skip", "--max_skipped_steps", "3")
@@ -244,6 +247,7 @@ def test_full_disk_names_the_checkpoint_and_keeps_the_earlier_one(tmp_path, tiny
     assert shm_buffers(port) == []
 
 
+@pytest.mark.slow
 def test_data_report_is_logged_and_too_many_dropped_rows_stop_the_run(tmp_path, tiny_model_dir):
     """40 of 64 rows have identical completions (skipped with on_bad_row=skip), 4 more a prompt longer than
     max_length: 44/64 = 0.69 of the data lost, over the default max_dropped_fraction of 0.5."""
@@ -418,6 +422,7 @@ def test_sigterm_during_export_finishes_it_with_its_marker(tmp_path, tiny_model_
     assert verify(final) is None and (final / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_divergence_skip_on_a_stage0_torch_optimizer_discards_the_update(tmp_path, tiny_model_dir):
     """Stage 0 in fp32 runs a plain torch optimizer, which DeepSpeed never skips: the guard discards the
     update itself. Had the NaN update been applied, the next attempt's loss would be NaN; it is again the

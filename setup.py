@@ -28,6 +28,7 @@ setup(
         "ninja",
         "matplotlib",  # dpo-ds sweep's plot
         "pillow",  # images of vision-language preference data
+        "xxhash",  # checkpoint checksums in COMPLETE
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "trl==1.16.0", "tensorboard", "mpi4py", "triton"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from dpo_ds.config import ConfigError, parse_known
@@ -143,26 +144,57 @@ def train(argv: list[str]) -> int:
     return train_main(argv)
 
 
-EXPORT_USAGE = """usage: dpo-ds export CHECKPOINT_DIR OUT_DIR
+EXPORT_USAGE = """usage: dpo-ds export CHECKPOINT_DIR OUT_DIR [--trust_remote_code]
 
 Write a saved checkpoint (output_dir/checkpoint-<step>, any ZeRO stage and world size) as a Hugging Face
-model directory (safetensors, config, tokenizer, chat template), in one process on CPU."""
+model directory (safetensors, config, tokenizer, chat template), in one process on CPU. The checkpoint
+must verify against its COMPLETE marker. --trust_remote_code lets the model's own code run (the run's
+config.yaml is not asked)."""
 
 
 def export(argv: list[str]) -> int:
-    """``dpo-ds export CHECKPOINT OUT``: consolidate a checkpoint into a Hugging Face directory."""
+    """``dpo-ds export CHECKPOINT OUT [--trust_remote_code]``: consolidate a checkpoint into a HF directory."""
+    trust = "--trust_remote_code" in argv
+    argv = [a for a in argv if a != "--trust_remote_code"]
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
         print(EXPORT_USAGE)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     from dpo_ds.checkpoint import export_checkpoint
 
     try:
-        out = export_checkpoint(argv[0], argv[1])
+        out = export_checkpoint(argv[0], argv[1], trust_remote_code=trust)
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"dpo-ds export: error: {exc}", file=sys.stderr)
         return 1
     print(f"dpo-ds export: wrote {out}")
     return 0
+
+
+CHECKPOINT_USAGE = """usage: dpo-ds checkpoint verify DIR
+
+Check a checkpoint (output_dir/checkpoint-<step>), or every checkpoint of an output_dir, against the sizes
+and checksums its COMPLETE marker lists. Exits 0 when every one checked verifies."""
+
+
+def checkpoint(argv: list[str]) -> int:
+    """``dpo-ds checkpoint verify DIR``: one line per checkpoint, ok or what is wrong with which file."""
+    if len(argv) != 2 or argv[0] != "verify":
+        print(CHECKPOINT_USAGE)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from dpo_ds.checkpoint import checkpoint_dirs, verify
+
+    target = Path(argv[1])
+    found = [target] if (target / "COMPLETE").exists() or target.name.startswith("checkpoint-") \
+        else checkpoint_dirs(target)
+    if not found:
+        print(f"dpo-ds checkpoint: error: no checkpoint in {target}", file=sys.stderr)
+        return 1
+    bad = 0
+    for path in found:
+        reason = verify(path)
+        bad += reason is not None
+        print(f"ok   {path}" if reason is None else f"BAD  {path}: {reason}")
+    return 1 if bad else 0
 
 
 def hostfile(argv: list[str]) -> int:
@@ -189,7 +221,7 @@ def precompute_ref(argv: list[str]) -> int:
         return 0
     if remaining:
         raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds precompute-ref --help")
-    from dpo_ds import distributed
+    from dpo_ds import distributed, preemption
     from dpo_ds.losses import needs_reference
     from dpo_ds.reference import run_precompute
 
@@ -198,7 +230,8 @@ def precompute_ref(argv: list[str]) -> int:
                           "reference model: there is nothing to precompute", "loss_type")
 
     config.precompute_ref_log_probs = True
-    distributed.init()
+    preemption.install("setup")
+    distributed.init(config.ddp_timeout)
     try:
         directories = run_precompute(config)
     finally:
@@ -212,6 +245,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "data-check": data_check,
     "train": train,
     "export": export,
+    "checkpoint": checkpoint,
     "precompute-ref": precompute_ref,
     "hostfile": hostfile,
     "estimate": estimate_main,

@@ -49,6 +49,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logging_strategy": ("no", "steps", "epoch"),
     "hub_strategy": ("end", "every_save", "checkpoint", "all_checkpoints"),
     "report_to": ("tensorboard", "wandb", "trackio", "all", "none"),
+    "on_nonfinite": ("stop", "skip"),
 }
 
 # Fields that must be >= 1 when set (None allowed where the type is Optional).
@@ -57,6 +58,7 @@ POSITIVE_INTS = (
     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "ref_model_sync_steps",
     "lora_r", "lora_alpha", "dataset_num_proc", "max_length", "max_prompt_length",
     "max_completion_length", "pad_to_multiple_of", "precompute_ref_batch_size", "torch_empty_cache_steps",
+    "max_skipped_steps", "ddp_timeout",
 )
 
 
@@ -307,6 +309,18 @@ class DPOConfig:
     peak_tflops: Optional[float] = None
     """Peak TFLOP/s of one device, the denominator of mfu; None = a known GPU's datasheet bf16 figure (no mfu on CPU)."""
 
+    # --- reliability (issue 14) ---
+    on_nonfinite: str = "stop"
+    """A non-finite loss or gradient norm on any rank: stop (exit, naming the checkpoint to resume from) or skip."""
+    max_skipped_steps: int = 10
+    """Stop after this many skipped steps in a row (non-finite with on_nonfinite=skip, or fp16 overflow)."""
+    max_dropped_fraction: float = 0.5
+    """Refuse to train when more than this fraction of the train rows is dropped in preparation."""
+    max_restarts: int = 3
+    """Under Slurm, requeue a crashed job (exit status neither 0 nor 75) at most this many times."""
+    ddp_timeout: int = 1800
+    """Seconds a collective may wait before the process group gives up (TRL's name and default)."""
+
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in dataclasses.fields(self):
@@ -399,6 +413,8 @@ class DPOConfig:
             "temperature": (0.0, math.inf, False, False),
             "logit_softcap": (0.0, math.inf, False, False),
             "warmup_steps": (0, math.inf, True, False),
+            "max_dropped_fraction": (0.0, 1.0, True, True),
+            "max_restarts": (0, math.inf, True, False),
         }
         for name, (low, high, low_in, high_in) in ranges.items():
             value = getattr(self, name)

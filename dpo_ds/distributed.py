@@ -22,6 +22,9 @@ import logging
 import os
 import socket
 import struct
+import time
+from datetime import timedelta
+from pathlib import Path
 from typing import MutableMapping, Optional
 
 import torch.distributed as dist
@@ -146,8 +149,22 @@ def map_launcher_env(env: Optional[MutableMapping[str, str]] = None) -> str:
     return "single"
 
 
-def init() -> str:
-    """Initialize torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns the launcher."""
+def set_group_timeout(seconds: float) -> timedelta:
+    """Make `seconds` the timeout of every process group created from now on, DeepSpeed's ZeRO groups
+    included (torch gives a group created without one its backend's default, not the world's)."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def init(timeout_s: float = 1800) -> str:
+    """Initialize torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns the launcher.
+
+    `timeout_s` (the config's ddp_timeout) bounds every collective of every process group."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -156,11 +173,34 @@ def init() -> str:
     if accelerator.device_name() != "cpu" and accelerator.device_count() > 0:
         # With --gpus-per-task (or a restricted CUDA_VISIBLE_DEVICES) a rank may see fewer devices.
         accelerator.set_device(int(os.environ["LOCAL_RANK"]) % accelerator.device_count())
-    deepspeed.init_distributed(auto_mpi_discovery=False)
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=set_group_timeout(timeout_s))
+    release_shm_buffer()
     e = os.environ
     logger.info("rank %s/%s (local rank %s) on %s, started by %s, rendezvous %s:%s", e["RANK"], e["WORLD_SIZE"],
                 e["LOCAL_RANK"], socket.gethostname(), launcher, e["MASTER_ADDR"], e["MASTER_PORT"])
     return launcher
+
+
+def shm_buffer_path(env: Optional[MutableMapping[str, str]] = None) -> str:
+    """This rank's DeepSpeed CPU all-reduce buffer: shm.cpp names it
+    `deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`."""
+    env = os.environ if env is None else env
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{env.get('RANK', '0')}")
+
+
+def release_shm_buffer() -> None:
+    """Unlink this rank's DeepSpeed shm buffer once every rank has mapped the others' (after init).
+
+    DeepSpeed never unlinks it: about 66 MiB of RAM per rank and port stays in /dev/shm until reboot.
+    The mappings outlive the name, so unlinking right after the barrier that ends init frees the memory
+    on every exit path, `kill -9` included, while the all-reduce keeps working.
+    """
+    barrier()  # no rank unlinks before the others have opened its buffer
+    try:
+        os.unlink(shm_buffer_path())
+    except FileNotFoundError:  # not every launch uses the shm all-reduce (it needs LOCAL_SIZE == WORLD_SIZE)
+        pass
 
 
 def on_cpu() -> bool:
@@ -184,6 +224,21 @@ def barrier() -> None:
     """Wait for every rank (a no-op without a process group)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_rank0(marker: Path, what: str, poll_s: float = 0.5, log_every_s: float = 60.0) -> None:
+    """On the ranks other than 0: wait, without a collective and so without its timeout, until rank 0's
+    long work (`what`) writes `marker`, logging every `log_every_s` seconds. Rank 0 returns at once.
+
+    If rank 0 dies instead, its launcher ends this process."""
+    if rank() == 0:
+        return
+    start = last = time.monotonic()
+    while not Path(marker).exists():
+        time.sleep(poll_s)
+        if time.monotonic() - last >= log_every_s:
+            last = time.monotonic()
+            logger.info("rank %d: waiting for rank 0 to finish %s (%.0f s so far)", rank(), what, last - start)
 
 
 def shutdown() -> None:

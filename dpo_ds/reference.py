@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import preemption
 from .distributed import barrier as _barrier, on_cpu, rank as _rank, world_size as _world
 from .engines import build_reference_engine, load_for_engine, mix_weights, release_gathered, weights_digest
 from .losses import PairLogps, needs_reference
@@ -275,9 +277,23 @@ def _read_parts(directory: Path) -> tuple[Tensor, Tensor]:
 
 def _write_part(directory: Path, rows: list[int], values: list[Tensor]) -> None:
     path = directory / f"part-{rows[0]:012d}.pt"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     torch.save({"row_index": torch.tensor(rows, dtype=torch.long), "logps": torch.cat(values).float()}, tmp)
     os.replace(tmp, path)
+
+
+def _remove_stale_parts(directory: Path) -> None:
+    """Delete the temporary part files of writers on this host that died before renaming them (a killed
+    pass); a live writer's, or another host's on shared storage, stay."""
+    host = socket.gethostname()
+    for tmp in directory.glob(f".part-*.{host}.*.tmp"):
+        pid = int(tmp.name.rsplit(".", 2)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def precompute(source: _OnlineReference, dataset, directory: Path, batches: Callable[[list[dict]], dict],
@@ -291,6 +307,8 @@ def precompute(source: _OnlineReference, dataset, directory: Path, batches: Call
     `batches(rows)` turns dataset rows into PreferenceModel inputs.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    if _rank() == 0:
+        _remove_stale_parts(directory)
     _barrier()
     done = set(_read_parts(directory)[0].tolist())
     row_index = [int(r) for r in dataset.with_format("numpy")["row_index"]]
@@ -303,6 +321,11 @@ def precompute(source: _OnlineReference, dataset, directory: Path, batches: Call
     rows: list[int] = []
     values: list[Tensor] = []
     for start in range(0, len(mine), batch_size):
+        if preemption.requested(source.engine.device):  # collective: every rank stops at the same batch
+            if rows:
+                _write_part(directory, rows, values)
+            _barrier()
+            preemption.stop(f"stopped the reference precomputation into {directory}, the rows done so far saved")
         slots = mine[start:start + batch_size]
         inputs = batches([dataset[i if i >= 0 else 0] for i in slots])
         out = pair_logps(source.token_logps(inputs), _label_mask(inputs), source.ld_alpha)
@@ -344,8 +367,9 @@ def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[
         if _rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
-        tables[split] = precompute(source, dataset, directory, batches, args.precompute_ref_batch_size
-                                   or batch_sizes[split])
+        with preemption.phase("precompute"):
+            tables[split] = precompute(source, dataset, directory, batches, args.precompute_ref_batch_size
+                                       or batch_sizes[split])
         directories[split] = directory
         if _rank() == 0:
             logger.info("reference log-probs of the %s split: %s", split, directory)

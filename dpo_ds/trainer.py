@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from . import checkpoint, hub, preemption, vision
 from .collate import PreferenceCollator
 from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
-from .data import load_preference_data, prepare_dataset
+from .data import DataError, load_preference_data, prepare_dataset
 from .distributed import on_cpu, rank as _rank, world_size as _world
 from .engines import (METRIC_SCHEDULERS, Engines, build_policy_engine, export_peft, load_for_engine, metric_scheduler,
                       router_aux_loss_coef)
@@ -93,6 +93,90 @@ def _set_tf32(tf32: Optional[bool]) -> None:
         raise ValueError("tf32=True needs a CUDA GPU (Ampere or newer); set tf32 to false or leave it unset")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm that the run must not train past (raised on every rank)."""
+
+
+class NonFiniteGuard:
+    """The divergence guard: one all-reduce per optimizer step gives every rank the same decision.
+
+    A non-finite micro-batch loss is turned into NaN gradients (the loss times NaN), so DeepSpeed's
+    optimizers, which skip an update whose gradient norm is not finite, discard it on every rank; the
+    stage-0 fp32 engine runs a plain torch optimizer, whose update the guard discards itself.
+    """
+
+    def __init__(self, args: DPOConfig, engine):
+        self.args, self.engine = args, engine
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=engine.device)
+        self.in_a_row, self.discarded = 0, False
+        if hasattr(engine.optimizer, "check_grad_overflow"):
+            # ZeRO-1/2 in bf16 checks the norm only with this set; a NaN update must never be applied.
+            engine.optimizer.check_grad_overflow = True
+
+    def watch(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to back-propagate: itself when finite, else one whose gradients are NaN (no host sync)."""
+        finite = torch.isfinite(loss.detach())
+        self.bad_loss |= ~finite
+        return loss * torch.where(finite, 1.0, float("nan"))
+
+    def before_step(self, grad_norm: Optional[float]) -> Optional[str]:
+        """Collective, at the boundary: what is non-finite and on which rank ("loss on rank 1"), or None.
+
+        `grad_norm` is the full norm a stage-0 engine computed before its step (None under ZeRO, whose
+        optimizer checks its own)."""
+        bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
+        flags = torch.stack([self.bad_loss, torch.tensor(bad_grad, device=self.bad_loss.device)]).float()
+        flags *= _rank() + 1
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.bad_loss.zero_()
+        loss_rank, grad_rank = (int(v) - 1 for v in flags.tolist())
+        if loss_rank >= 0:
+            return f"loss on rank {loss_rank}"
+        if grad_rank >= 0:
+            return f"gradient norm on rank {grad_rank}"
+        return None
+
+    def discard(self) -> None:
+        """Make the coming `engine.step()` leave a plain torch optimizer untouched: its step is a no-op
+        (zeroed gradients keep DeepSpeed's clipping quiet), and the engine counts the step skipped and leaves
+        the scheduler alone (DeepSpeed's own overflow path). `after_step` restores the optimizer."""
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        optimizer = self.engine.optimizer
+        optimizer.step = lambda *args, **kwargs: None  # shadows the method for this one step
+        optimizer.overflow = True
+        self.discarded = True
+
+    def after_step(self, step: int, what: Optional[str], output_dir: str) -> bool:
+        """Whether the step counts as progress (a skipped one does not); raises Diverged to stop the run.
+
+        `what` is `before_step`'s finding; an update DeepSpeed skipped by itself is an fp16 overflow, or
+        under ZeRO a non-finite gradient norm."""
+        engine = self.engine
+        if self.discarded:
+            del engine.optimizer.overflow, engine.optimizer.step
+            self.discarded = False
+        if engine.was_step_applied() and what is None:
+            self.in_a_row = 0
+            return True
+        if what is not None:
+            what = f"non-finite {what}"
+        elif engine.fp16_enabled():
+            what = "fp16 gradient overflow"
+        else:
+            what = "non-finite gradient norm (the norm over all ranks)"
+        if self.args.on_nonfinite == "stop" and not what.startswith("fp16"):
+            raise Diverged(f"{what} at step {step}: stopped, nothing new saved; {checkpoint.last_complete(output_dir)}")
+        self.in_a_row += 1
+        if self.in_a_row >= self.args.max_skipped_steps:
+            raise Diverged(f"{self.in_a_row} steps in a row skipped (max_skipped_steps="
+                           f"{self.args.max_skipped_steps}), the last for a {what} at step {step}: stopped, "
+                           f"nothing new saved; {checkpoint.last_complete(output_dir)}")
+        if _rank() == 0:
+            logger.warning("step %d skipped (%d in a row): %s", step, self.in_a_row, what)
+        return False
 
 
 def seed_everything(seed: int) -> None:
@@ -155,6 +239,7 @@ class DPOTrainer:
             raise ValueError("load_best_model_at_end / save_strategy=best / metric_for_best_model / "
                              f"lr_scheduler_type={a.lr_scheduler_type} rank evaluations, but there is no eval "
                              "dataset (eval_dataset=None and no eval split)")
+        self._report_data()
         self.collator = PreferenceCollator(self.tokenizer.pad_token_id, padding_side=a.padding_side,
                                            pad_to_multiple_of=a.pad_to_multiple_of, processor=self.processor)
 
@@ -202,8 +287,9 @@ class DPOTrainer:
         self.throughput = Throughput(self.model, getattr(ref_module, "model", None), a.gradient_checkpointing,
                                      policy.device, a.peak_tflops)
         # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
-        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "best_metric": None,
-                      "best_model_checkpoint": None}
+        self.resumed_from: Optional[Path] = None  # rotation keeps it
+        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "skipped": 0,
+                      "best_metric": None, "best_model_checkpoint": None}
         self._last_eval: dict = {}
         self._best_metric_name, self._greater_is_better = _best_metric(a)
         self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
@@ -222,6 +308,23 @@ class DPOTrainer:
         if eval_dataset is not None:
             evald, reports["eval"] = prepare_dataset(eval_dataset, processing, a, "eval")
         return train, evald, reports
+
+    def _report_data(self) -> None:
+        """Rank 0 logs what preparation kept, dropped (by reason) and truncated, so that a run never trains
+        on a fraction of its data unnoticed; more than max_dropped_fraction of the train rows dropped stops it."""
+        for report in self.data_reports.values():
+            if report is not None and _rank() == 0:
+                dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.dropped.items())) or "none"
+                truncated = ", ".join(f"{n} {part}" for part, n in report.truncated.items()) or "none"
+                logger.info("data report, %s split: %d rows read, %d kept; dropped: %s; truncated: %s",
+                            report.split, report.rows_read, report.rows_kept, dropped, truncated)
+        train = self.data_reports["train"]
+        lost = train.rows_read - train.rows_kept
+        if train.rows_read and lost / train.rows_read > self.args.max_dropped_fraction:
+            raise DataError(f"{lost} of the {train.rows_read} train rows were dropped in preparation "
+                            f"({', '.join(f'{n} {r}' for r, n in sorted(train.dropped.items()))}), more than "
+                            f"max_dropped_fraction={self.args.max_dropped_fraction}: fix the data or the length "
+                            "limits, or raise max_dropped_fraction")
 
     def _load(self, source, fresh: bool = False):
         """Load (or copy, for an in-memory policy used as its own reference) a model."""
@@ -309,14 +412,19 @@ class DPOTrainer:
         policy = self.engines.policy
         resume = self._resume_path(resume_from_checkpoint)
         if resume is not None:
+            # Later checkpoints of an abandoned run move aside, so `auto` never jumps back to them.
+            checkpoint.set_aside_newer(a.output_dir, resume)
+        self.resumed_from = resume
+        if resume is not None:
             client = checkpoint.load(policy, resume)
             self.reference.load(resume)
-            self.state.update({k: client.get(k, v) for k, v in self.state.items()})
+            self.state.update({k: client.get(k, v) for k, v in self.state.items()})  # older: no skipped
             if self.metric_scheduler is not None and "metric_scheduler" in client:
                 self.metric_scheduler.load_state_dict(client["metric_scheduler"])
             _set_rng_state(client["rng"])
             logger.info("resumed from %s at step %d", resume, self.state["global_step"])
         preemption.install()
+        guard = NonFiniteGuard(a, policy)
         if _rank() == 0:
             Path(a.output_dir).mkdir(parents=True, exist_ok=True)
             a.save(os.path.join(a.output_dir, "config.yaml"))
@@ -337,15 +445,23 @@ class DPOTrainer:
             for batch, w in zip(loader, weights):
                 policy.train()
                 loss = self._forward(batch, w, acc, train=True)
-                policy.backward(loss)
+                policy.backward(guard.watch(loss))
                 boundary = policy.is_gradient_accumulation_boundary()
                 if boundary:
                     # Logged as TRL does: the rate this step used, the norm before clipping.
                     self.step_lr = policy.get_lr()[0]
                     unpartitioned_norm = _grad_norm(policy) if policy.zero_optimization_stage() == 0 else None
+                    nonfinite = guard.before_step(unpartitioned_norm)
+                    if nonfinite is not None and checkpoint.is_replicated(policy):
+                        guard.discard()
                 policy.step()
                 self.state["samples_in_epoch"] += per_micro
                 if not boundary:
+                    continue
+                if not guard.after_step(self.state["global_step"] + 1, nonfinite, a.output_dir):
+                    self.state["skipped"] += 1  # not "skipped_steps": DeepSpeed's own key in a checkpoint
+                    self._log({"global_step": self.state["global_step"] + 1,
+                               "skipped_steps": self.state["skipped"]}, bar)
                     continue
                 self.state["global_step"] += 1
                 step = self.state["global_step"]
@@ -509,8 +625,11 @@ class DPOTrainer:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=len(loader), desc="eval", leave=False, dynamic_ncols=True)
-        for batch, w in batches:
-            self._forward(batch, w, acc, train=False)
+        with preemption.phase("eval"):
+            for batch, w in batches:
+                # Collective: a signal stops the evaluation at this batch on every rank, and saves the step.
+                preemption.stop_if_requested(self.state["global_step"], self.save, self.engines.policy.device)
+                self._forward(batch, w, acc, train=False)
         totals = acc.reduce()
         self.window.copy_(train_window)
         self.engines.policy.train()
@@ -521,13 +640,16 @@ class DPOTrainer:
         client = {**self.state, "rng": _rng_state()}
         if self.metric_scheduler is not None:
             client["metric_scheduler"] = self.metric_scheduler.state_dict()
+        checkpoint.begin_save(self.args.output_dir, step)
         folder = Path(self.args.output_dir) / f"checkpoint-{step}"
         # Inside the checkpoint directory before checkpoint.save marks it complete: the reference's state, and
-        # the model directory transformers writes into every checkpoint (`pipeline(model=checkpoint-N)` loads it).
+        # the model directory transformers writes into every checkpoint (`pipeline(model=checkpoint-N)` loads it);
+        # that model gets no marker of its own: only the checkpoint's counts.
         self.reference.save(folder)
-        self.save_model(str(folder))
+        self._write_model(folder, marker=False)
         saved = checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit,
-                                best=self.state["best_model_checkpoint"], model_only=self.args.save_only_model)
+                                best=self.state["best_model_checkpoint"], model_only=self.args.save_only_model,
+                                keep=self.resumed_from)
         if self.args.push_to_hub and _rank() == 0:
             try:
                 hub.push_checkpoint(self.args, saved)
@@ -542,11 +664,15 @@ class DPOTrainer:
         A LoRA policy is saved twice: its adapter in PEFT's format under `adapter/`, and merged into the
         base weights as a plain model.
         """
-        out = output_dir or self.args.output_dir
+        return self._write_model(output_dir or self.args.output_dir, marker=True)
+
+    def _write_model(self, out: str | Path, marker: bool) -> Path:
+        """The model directory; `marker`: with the export's own COMPLETE (not inside a checkpoint, whose
+        marker must be the only one)."""
         processing = self.processor or self.tokenizer  # a processor saves its tokenizer too
         if is_peft_model(self.model):
             return export_peft(self.engines.policy, self.model, processing, out)
-        return checkpoint.export_hf(self.engines.policy, self.model, processing, out)
+        return checkpoint.export_hf(self.engines.policy, self.model, processing, out, marker=marker)
 
     def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
                     token: Optional[str] = None, revision: Optional[str] = None,
@@ -594,20 +720,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed's ZeRO-3 calls torch's deprecated collective names on every step: one line each, no signal.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")
+    preemption.install("setup")  # a signal before training starts: nothing to save, exit 75 at once
     try:
-        distributed.init()
+        distributed.init(args.ddp_timeout)
         trainer = DPOTrainer(args=args)
         trainer.train()
-        if args.push_to_hub:  # saves into output_dir first: a failed upload keeps the model
-            trainer.push_to_hub()
-        else:
-            trainer.save_model()
+        with preemption.phase("export"):
+            if args.push_to_hub:  # saves into output_dir first: a failed upload keeps the model
+                trainer.push_to_hub()
+            else:
+                trainer.save_model()
         out = args.output_dir
         trainer.close()
         if _rank() == 0:
             print(f"dpo_ds: done; model saved to {out}")
         distributed.shutdown()
         return 0
+    except Diverged as e:  # decided alike on every rank: a clean collective exit
+        if _rank() == 0:
+            print(f"dpo_ds: {e}", file=sys.stderr)
+        distributed.shutdown()
+        return 1
+    except DataError as e:  # the same on every rank: one line, no traceback
+        if _rank() == 0:
+            print(f"dpo_ds: data error: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
+    except checkpoint.CheckpointError as e:  # one line that names the checkpoint, no traceback
+        print(f"dpo_ds: rank {_rank()}: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
     except Exception:
         traceback.print_exc()
         sys.stderr.flush()

@@ -1,5 +1,7 @@
 """Shared fixtures: the built-in tokenizer and model, and tiny real models built from config."""
+import glob
 import os
+import socket
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -10,6 +12,38 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa:
 
 from dpo_ds.models import builtin_model_dir as _builtin_model_dir  # noqa: E402
 from dpo_ds.models import load_tokenizer  # noqa: E402
+
+
+SHM_PORTS: set[int] = set()
+
+
+def launcher_port() -> int:
+    """A free port for a launcher's --master_port; the session's cleanup knows its DeepSpeed shm buffers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    SHM_PORTS.add(port)
+    return port
+
+
+def shm_buffers(port) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers of the run that listened on `port` (see dpo_ds.distributed)."""
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_own_shm_buffers():
+    """After the session, remove the shm buffers that this session's runs left (a rank killed before it
+    unlinked its own): those of the ports handed out by `launcher_port` and of in-process DeepSpeed.
+    Never others': other test sessions on the machine may be using theirs."""
+    yield
+    ports = SHM_PORTS | ({os.environ["MASTER_PORT"]} if "MASTER_PORT" in os.environ else set())
+    for port in ports:
+        for path in shm_buffers(port):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def pytest_configure(config):

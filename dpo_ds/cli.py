@@ -184,8 +184,9 @@ def checkpoint(argv: list[str]) -> int:
     from dpo_ds.checkpoint import checkpoint_dirs, verify
 
     target = Path(argv[1])
-    found = [target] if (target / "COMPLETE").exists() or target.name.startswith("checkpoint-") \
-        else checkpoint_dirs(target)
+    # An output_dir: its checkpoints, and the final model's export (TRL's layout puts it in output_dir itself).
+    found = [target] if target.name.startswith("checkpoint-") else \
+        checkpoint_dirs(target) + ([target] if (target / "COMPLETE").exists() else [])
     if not found:
         print(f"dpo-ds checkpoint: error: no checkpoint in {target}", file=sys.stderr)
         return 1

@@ -726,6 +726,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer = DPOTrainer(args=args)
         trainer.train()
         with preemption.phase("export"):
+            if _rank() == 0:
+                logger.info("saving the model to %s", args.output_dir)
             if args.push_to_hub:  # saves into output_dir first: a failed upload keeps the model
                 trainer.push_to_hub()
             else:

@@ -70,7 +70,7 @@ def test_divergence_stops_with_the_step_quantity_rank_and_checkpoint(tmp_path, t
         f"last complete checkpoint is {tmp_path / 'out' / 'checkpoint-1'}" in proc.output, proc.output[-3000:]
     assert "Traceback" not in proc.output
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1"]
-    assert not (tmp_path / "out" / "final").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -84,7 +84,7 @@ def test_divergence_skip_logs_skipped_steps_and_stops_after_max_in_a_row(tmp_pat
     assert [(r["global_step"], r["skipped_steps"]) for r in rows if "skipped_steps" in r] == [(2, 1), (2, 2)]
     assert "3 steps in a row skipped (max_skipped_steps=3), the last for a non-finite " in proc.output
     assert "nothing new saved; there is no complete checkpoint" in proc.output
-    assert not (tmp_path / "out" / "final").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_export_refuses_non_finite_tensors_naming_them():
@@ -129,7 +129,7 @@ def test_corrupt_checkpoints_fall_back_and_older_resume_sets_newer_aside(tmp_pat
 
     auto = tmp_path / "auto"
     shutil.copytree(uninterrupted, auto)
-    shutil.rmtree(auto / "final")
+    (auto / "COMPLETE").unlink()  # the final export's marker: auto copies only checkpoints
     truncated = auto / "checkpoint-2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     os.truncate(truncated, truncated.stat().st_size - 100)
     flipped = auto / "checkpoint-3" / "mp_rank_00_model_states.pt"
@@ -293,7 +293,7 @@ def test_kill_9_of_one_rank_during_a_save_ends_the_job_and_auto_resumes_exactly(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0
-    assert not (out / "checkpoint-3" / "COMPLETE").exists() and not (out / "final").exists()
+    assert not (out / "checkpoint-3" / "COMPLETE").exists() and not (out / "model.safetensors").exists()
     assert shm_buffers(port) == []
 
     resumed = run_fault(tmp_path, tiny_model_dir, *COMMON, "--resume_from_checkpoint", "auto")
@@ -338,7 +338,7 @@ def test_slurm_crash_requeues_and_the_next_attempt_finishes(tmp_path, tiny_model
     job = slurm.sbatch(sbatch_args(tmp_path, tiny_model_dir, *COMMON), ROOT, ENV)
     wait_until(lambda: (out / "checkpoint-2" / "COMPLETE").exists(), TIMEOUT, "checkpoint-2")
     pid = task_pid(job, 1)
-    assert pid is not None and not (out / "final").exists(), "the job ended before it could crash"
+    assert pid is not None and not (out / "model.safetensors").exists(), "the job ended before it could crash"
     os.kill(pid, signal.SIGKILL)
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, TIMEOUT)
     log = slurm_log(tmp_path, job)
@@ -346,7 +346,7 @@ def test_slurm_crash_requeues_and_the_next_attempt_finishes(tmp_path, tiny_model
     assert f"dpo_ds: job {job} attempt 1 " in log and f"dpo_ds: job {job} attempt 2 " in log
     assert "requeueing, crash restart 1 of 3" in log
     assert (out / "logs" / "crash_restarts").read_text().strip() == "1"
-    assert "resumed from " in log and (out / "final" / "model.safetensors").exists()
+    assert "resumed from " in log and (out / "model.safetensors").exists()
 
 
 def signal_during(tmp_path: Path, model_dir: str, ready, *extra: str, rows: int = 64) -> tuple[int, str]:
@@ -408,13 +408,14 @@ def test_sigterm_during_evaluation_stops_it_and_saves_the_step(tmp_path, tiny_mo
     assert "dpo_ds: stopped after step 1, checkpoint saved" in output
     from dpo_ds.checkpoint import verify
 
-    assert verify(tmp_path / "out" / "checkpoint-1") is None and not (tmp_path / "out" / "final").exists()
+    assert verify(tmp_path / "out" / "checkpoint-1") is None and not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
 def test_sigterm_during_export_finishes_it_with_its_marker(tmp_path, tiny_model_dir):
-    final = tmp_path / "out" / "final"
-    code, output = signal_during(tmp_path, tiny_model_dir, lambda out: final.exists(), "--max_steps", "1")
+    final = tmp_path / "out"  # TRL's layout: the final model in output_dir
+    code, output = signal_during(tmp_path, tiny_model_dir, lambda log: "saving the model to" in log,
+                                 "--max_steps", "1")
     assert code == 0, output[-3000:]
     assert "got SIGTERM; finishing the export first" in output
     from dpo_ds.checkpoint import verify

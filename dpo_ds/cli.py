@@ -10,7 +10,8 @@ import json
 import sys
 from typing import Any, Callable
 
-from dpo_ds.config import ConfigError, parse_known
+from dpo_ds.config import ConfigError
+from dpo_ds.parser import parse_known
 from dpo_ds.data import DataError, DataReport, PreferenceData, load_preference_data
 from dpo_ds.estimate import estimate_main
 from dpo_ds.sweep import sweep_main

@@ -18,7 +18,6 @@ import inspect
 import json
 import math
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -321,7 +320,7 @@ class DPOConfig:
         """The documentation string of field `name`."""
         docs = field_docs()
         if name not in docs:
-            raise _unknown_key(name, "DPOConfig.help")
+            raise unknown_key(name, "DPOConfig.help")
         return docs[name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,7 +336,8 @@ class DPOConfig:
     @classmethod
     def load(cls, path: str) -> "DPOConfig":
         """Read a YAML config written by `save` (or by hand)."""
-        return cls(**_read_yaml(path))
+        with open(path) as fh:
+            return cls(**(yaml.safe_load(fh) or {}))
 
     def _fold_evaluation_strategy(self) -> None:
         """transformers' old name evaluation_strategy sets eval_strategy, unless both are set differently."""
@@ -522,26 +522,6 @@ def _type_name(tp: Any) -> str:
     return {dict: "json", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def format_help(prog: str = "train.py") -> str:
-    """The --help text: every field with its type, default and documentation, by group."""
-    docs, groups = _source_info()
-    hints = _type_hints()
-    out = [f"usage: {prog} [--config RUN.yaml] [--KEY VALUE ...]",
-           "",
-           "Values come from the defaults, then the YAML file, then the command line (last wins).",
-           "Booleans: --KEY, --KEY true|false. Lists: space- or comma-separated. Dicts: JSON. "
-           "Optional keys accept none."]
-    group = None
-    for f in dataclasses.fields(DPOConfig):
-        if groups[f.name] != group:
-            group = groups[f.name]
-            out += ["", f"{group}:"]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(f"  --{f.name} {_type_name(hints[f.name]).upper()}  (default: {default!r})")
-        out.append(f"      {docs[f.name]}")
-    return "\n".join(out)
-
-
 # ----------------------------------------------------------------------------- value coercion
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -615,130 +595,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"DPOConfig field {key!r} has an unsupported type {tp!r}")
 
 
-# ----------------------------------------------------------------------------- parsing
+# ----------------------------------------------------------------------------- keys
 
-# Launcher-injected flags that carry a value meant for someone else.
-IGNORED_FLAGS = ("local_rank",)
-# TRL ModelConfig flags that map into model_init_kwargs.
+# TRL ModelConfig keys that map into model_init_kwargs (the parser accepts them as flags and YAML keys).
 KWARG_ALIASES = {"dtype": "dtype", "torch_dtype": "dtype", "model_revision": "revision"}
 
 
-def _unknown_key(key: str, where: str) -> ConfigError:
+def unknown_key(key: str, where: str) -> ConfigError:
+    """The error for a key DPOConfig does not have, suggesting the closest valid one."""
     valid = [f.name for f in dataclasses.fields(DPOConfig)] + list(KWARG_ALIASES)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else "; run with --help to list the valid keys"
     return ConfigError(f"unknown config key {key!r} ({where}){hint}", key)
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of config keys, got {type(data).__name__}")
-    return _apply_aliases(data, f"in {path}")
-
-
-def _apply_aliases(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check every key, and fold TRL's model flags (dtype, model_revision) into model_init_kwargs."""
-    names = {f.name for f in dataclasses.fields(DPOConfig)}
-    out: dict[str, Any] = {}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        key = str(key)
-        if key in KWARG_ALIASES:
-            kwargs[KWARG_ALIASES[key]] = value
-        elif key in names:
-            out[key] = value
-        else:
-            raise _unknown_key(key, where)
-    if kwargs:
-        base = _coerce("model_init_kwargs", out.get("model_init_kwargs", {}), dict)
-        out["model_init_kwargs"] = {**base, **kwargs}
-    return out
-
-
-def parse_known(argv: Optional[list[str]] = None) -> tuple[DPOConfig, list[str]]:
-    """Build a DPOConfig from `--config FILE` and `--key value` flags.
-
-    Flags that are not config keys, their values, positional words and -h/--help are
-    returned untouched (in order) for a subcommand to handle.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    names = {f.name for f in dataclasses.fields(DPOConfig)}
-    hints = _type_hints()
-    config_path, flags, remaining = None, {}, []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if not tok.startswith("--") or tok == "--help":
-            remaining.append(tok)
-            continue
-        name, has_eq, inline = tok[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in names and name not in KWARG_ALIASES and name not in IGNORED_FLAGS and name != "config":
-            remaining.append(tok)
-            while not has_eq and i < len(argv) and not argv[i].startswith("--"):
-                remaining.append(argv[i])
-                i += 1
-            continue
-        tp = hints.get(name)
-        takes_list = tp is not None and any(typing.get_origin(a) is list for a in (tp, *typing.get_args(tp)))
-        if has_eq:
-            values = [inline]
-        else:
-            values = []
-            while i < len(argv) and not argv[i].startswith("--") and (takes_list or not values):
-                if tp is bool and argv[i].lower() not in _TRUE + _FALSE:
-                    break
-                values.append(argv[i])
-                i += 1
-            if tp is bool and not values:
-                values = ["true"]
-        if not values:
-            raise ConfigError(f"--{name} needs a value", name)
-        if name in IGNORED_FLAGS:
-            continue
-        if name == "config":
-            config_path = values[0]
-        else:
-            flags[name] = values if takes_list and len(values) > 1 else values[0]
-    merged = _read_yaml(config_path) if config_path else {}
-    cli = _apply_aliases(flags, "on the command line")
-    if "model_init_kwargs" in cli and "model_init_kwargs" in merged and "model_init_kwargs" not in flags:
-        cli["model_init_kwargs"] = {**_coerce("model_init_kwargs", merged["model_init_kwargs"], dict),
-                                    **cli["model_init_kwargs"]}
-    merged.update(cli)
-    try:
-        return DPOConfig(**merged), remaining
-    except ConfigError as err:
-        where = [f"{k} set on the command line" if k in cli else f"{k} set in {config_path}"
-                 for k in err.keys if k in merged]
-        if not where:
-            raise
-        raise ConfigError(f"{err} ({'; '.join(where)})", *err.keys) from None
-
-
-def parse_args(argv: Optional[list[str]] = None, prog: str = "train.py") -> DPOConfig:
-    """Like parse_known, but anything that is not a config flag is an error; --help prints and exits."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(format_help(prog))
-        raise SystemExit(0)
-    config, remaining = parse_known(argv)
-    if remaining:
-        tok = remaining[0]
-        if tok.startswith("--"):
-            raise _unknown_key(tok[2:].partition("=")[0].replace("-", "_"), "on the command line")
-        raise ConfigError(f"unexpected argument {tok!r}: values follow a --key flag")
-    return config
 
 
 # ----------------------------------------------------------------------------- DeepSpeed

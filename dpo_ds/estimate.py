@@ -21,7 +21,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .config import ConfigError, DPOConfig, load_deepspeed_config, parse_known, reference_setup
+from .config import ConfigError, DPOConfig, load_deepspeed_config, reference_setup
+from .parser import parse_known
 
 GIB = 2**30
 BUFFER_FACTOR = 1.5

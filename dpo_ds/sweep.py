@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, DPOConfig, parse_known
+from .config import ConfigError, DPOConfig
+from .parser import parse_known
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"

@@ -272,6 +272,8 @@ class DPOConfig:
     """Create the hub repository as private; None = the organization's default."""
     hub_token: Optional[str] = None
     """Hub token; None = the one huggingface_hub finds (HF_TOKEN, the cached login)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective may wait before the process group gives up (transformers' ddp_timeout)."""
     save_steps: Optional[int] = 500
     """Optimizer steps between checkpoints; none = no checkpoints during training (the final export still happens)."""
     save_total_limit: Optional[int] = None
@@ -597,13 +599,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 # ----------------------------------------------------------------------------- keys
 
-# TRL ModelConfig keys that map into model_init_kwargs (the parser accepts them as flags and YAML keys).
-KWARG_ALIASES = {"dtype": "dtype", "torch_dtype": "dtype", "model_revision": "revision"}
-
-
 def unknown_key(key: str, where: str) -> ConfigError:
-    """The error for a key DPOConfig does not have, suggesting the closest valid one."""
-    valid = [f.name for f in dataclasses.fields(DPOConfig)] + list(KWARG_ALIASES)
+    """The error for a key that is neither a DPOConfig field nor a TRL key, suggesting the closest valid one."""
+    from .trl_fields import ALIASES, NO_EFFECT, REFUSED
+
+    valid = [f.name for f in dataclasses.fields(DPOConfig)] + list(ALIASES) + list(NO_EFFECT) + list(REFUSED)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else "; run with --help to list the valid keys"
     return ConfigError(f"unknown config key {key!r} ({where}){hint}", key)

@@ -20,7 +20,10 @@ from typing import Any, Callable, Optional
 import yaml
 from transformers import HfArgumentParser
 
-from .config import KWARG_ALIASES, ConfigError, DPOConfig, field_docs, unknown_key
+from transformers.hf_argparser import string_to_bool
+
+from .config import ConfigError, DPOConfig, field_docs, unknown_key
+from .trl_fields import ALIAS_DEFAULTS, ALIASES, NO_EFFECT, REFUSED
 
 DEFAULT, COMMAND_LINE = "default", "command line"
 
@@ -53,9 +56,23 @@ class ConfigParser(HfArgumentParser):
                          "Values come from DPOConfig's defaults, then --config's YAML file, then the flags.",
                          allow_abbrev=False, **kwargs)
         self.add_argument("--config", help="YAML file of config keys (the command line overrides it).")
-        for alias, target in KWARG_ALIASES.items():
-            self.add_argument(f"--{alias}", default=None, help=f"Sets model_init_kwargs[{target!r}] (TRL's ModelConfig).")
         self.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
+        trl_only = self.add_argument_group("TRL/transformers keys that are not DPOConfig fields (docs/trl_fields.md)")
+        reasons = {**{k: f"Sets {t}" + (f"[{key!r}]" if key else "") + "." for k, (t, key) in ALIASES.items()},
+                   **{k: f"No effect: {why}." for k, (_, why) in NO_EFFECT.items()},
+                   **{k: f"Only TRL's default ({d!r}): {why}." for k, (d, why) in REFUSED.items()}}
+        for name, default in {**ALIAS_DEFAULTS, **{k: v[0] for k, v in {**NO_EFFECT, **REFUSED}.items()}}.items():
+            if name == "local_rank":
+                continue
+            doc = reasons[name].replace("%", "%%")
+            if isinstance(default, bool):
+                trl_only.add_argument(f"--{name}", type=string_to_bool, nargs="?", const=True, default=default, help=doc)
+                if default:
+                    trl_only.add_argument(f"--no_{name}", action="store_false", dest=name, help=argparse.SUPPRESS)
+            else:
+                trl_only.add_argument(f"--{name}", type=_or_none(_yaml_value), default=default, help=doc)
+        self.trl_defaults = {**ALIAS_DEFAULTS, **{k: v[0] for k, v in {**NO_EFFECT, **REFUSED}.items()}}
+        self.notes: list[str] = []
         hints, docs = typing.get_type_hints(DPOConfig), field_docs()
         fields = {f.name: f for f in dataclasses.fields(DPOConfig)}
         for action in self._actions:
@@ -74,6 +91,29 @@ class ConfigParser(HfArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         """argparse's errors (a bad value, a missing value) become ConfigErrors: the caller decides the exit."""
         raise ConfigError(message)
+
+    def _fold_trl_keys(self, values: dict[str, Any], sources: dict[str, str]) -> list[str]:
+        """Take the TRL-only keys out of `values`: fold the aliases into their field, refuse a REFUSED key
+        set away from TRL's default; return one warning line per NO_EFFECT key set away from it."""
+        notes = []
+        for name, default in self.trl_defaults.items():
+            if name not in values:
+                continue
+            value, where = values.pop(name), sources.pop(name)
+            if where == DEFAULT or value == default:
+                continue
+            if name in REFUSED:
+                raise ConfigError(f"{name}={value!r} ({where}) is not supported: {REFUSED[name][1]}", name)
+            if name in NO_EFFECT:
+                notes.append(f"{name}={value!r} ({where}) has no effect in dpo_ds: {NO_EFFECT[name][1]}")
+                continue
+            target, key = ALIASES[name]
+            if key is None:
+                values[target] = value
+            else:
+                values[target] = {**(values[target] or {}), key: value}
+            sources[target] = where
+        return notes
 
     def _parse_or_raise(self, argv: list[str], where: str) -> tuple[argparse.Namespace, list[str]]:
         try:
@@ -116,19 +156,10 @@ class ConfigParser(HfArgumentParser):
         values = dict(vars(namespace))
         for name in ("config", "local_rank", "help"):
             values.pop(name, None)
-        kwargs = {}
-        for alias, target in KWARG_ALIASES.items():
-            value = values.pop(alias)
-            if value is not None:
-                kwargs[target] = value
-        if kwargs:
-            values["model_init_kwargs"] = {**(values["model_init_kwargs"] or {}), **kwargs}
         values = {k: None if v == [None] else v for k, v in values.items()}  # `--list_field none`
         sources = {name: COMMAND_LINE if name in given else (path if name in file_values else DEFAULT)
                    for name in values}
-        for alias, target in KWARG_ALIASES.items():
-            if alias in given or alias in file_values:
-                sources["model_init_kwargs"] = COMMAND_LINE if alias in given else path
+        self.notes = self._fold_trl_keys(values, sources)
         try:
             return DPOConfig(**values), sources, rest
         except ConfigError as err:
@@ -137,6 +168,11 @@ class ConfigParser(HfArgumentParser):
             if not where:
                 raise
             raise ConfigError(f"{err} ({'; '.join(where)})", *err.keys) from None
+
+
+def _yaml_value(text: str) -> Any:
+    """argparse type of a TRL-only key: the value as YAML reads it (true, 0.1, [a, b], ...)."""
+    return yaml.safe_load(text)
 
 
 def parse_args(argv: Optional[list[str]] = None, prog: str = "train.py") -> DPOConfig:

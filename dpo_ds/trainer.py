@@ -385,8 +385,8 @@ class DPOTrainer:
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"
 
 
-def resolve_config(argv: list[str]) -> tuple[DPOConfig, dict[str, str]]:
-    """(config, where each value came from) of a train.py command line.
+def resolve_config(argv: list[str]) -> tuple[DPOConfig, dict[str, str], list[str]]:
+    """(config, where each value came from, warnings about keys without effect) of a train.py command line.
 
     The embedded default (examples/default.yaml) applies only to a command line with no run
     arguments, launcher arguments (--local_rank) aside; otherwise unset keys keep DPOConfig's defaults.
@@ -397,8 +397,9 @@ def resolve_config(argv: list[str]) -> tuple[DPOConfig, dict[str, str]]:
     launcher.add_argument("--local_rank", "--local-rank")
     if not launcher.parse_known_args(argv)[1]:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    config, sources, _ = ConfigParser(prog="train.py").parse(argv)
-    return config, sources
+    parser = ConfigParser(prog="train.py")
+    config, sources, _ = parser.parse(argv)
+    return config, sources, parser.notes
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -418,12 +419,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .parser import describe
 
     try:
-        args, sources = resolve_config(list(sys.argv[1:] if argv is None else argv))
+        args, sources, notes = resolve_config(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         print(f"dpo_ds: config error: {e}", file=sys.stderr)
         return 2
     if _rank() == 0:
-        print(describe(args, sources), flush=True)
+        print("\n".join([describe(args, sources), *(f"dpo_ds: warning: {n}" for n in notes)]), flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed's ZeRO-3 calls torch's deprecated collective names on every step: one line each, no signal.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")

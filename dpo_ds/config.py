@@ -75,7 +75,7 @@ class DPOConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (eager, sdpa, flash_attention_2, ...)."""
     chat_template_path: Optional[str] = None
-    """Jinja chat template file that replaces the tokenizer's own template."""
+    """Chat template replacing the tokenizer's own: a .jinja file, or a tokenizer directory or hub id to borrow it from."""
     eos_token: Optional[str] = None
     """End-of-sequence token to use instead of the tokenizer's (e.g. "<|im_end|>")."""
     disable_dropout: bool = True
@@ -298,6 +298,9 @@ class DPOConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         self._fold_evaluation_strategy()
+        for name in ("model_init_kwargs", "ref_model_init_kwargs"):
+            if getattr(self, name):
+                setattr(self, name, {k: _dtype_name(v) for k, v in getattr(self, name).items()})
         if self.report_to == ["none"]:
             self.report_to = []
         self._check_values()
@@ -393,10 +396,11 @@ class DPOConfig:
                 _fail(name, value, f"a number in {interval}")
         if self.report_to and "none" in self.report_to:
             _fail("report_to", self.report_to, "either none alone or a list of tensorboard, wandb, trackio")
-        for name in ("chat_template_path", "deepspeed"):
-            path = getattr(self, name)
-            if path is not None and not os.path.isfile(path):
-                _fail(name, path, "an existing file")
+        if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
+            _fail("deepspeed", self.deepspeed, "an existing file")
+        template = self.chat_template_path
+        if template is not None and template.endswith(".jinja") and not os.path.isfile(template):
+            _fail("chat_template_path", template, "an existing .jinja file, a tokenizer directory or a hub id")
         resume = self.resume_from_checkpoint
         if resume not in (None, "auto") and not os.path.isdir(resume):
             _fail("resume_from_checkpoint", resume, '"auto" or an existing checkpoint directory')
@@ -473,6 +477,11 @@ def _validate_losses(cfg: DPOConfig) -> None:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from err
+
+
+def _dtype_name(value: Any) -> Any:
+    """A torch.dtype as its name ("bfloat16"), which from_pretrained accepts too and YAML can save."""
+    return str(value).removeprefix("torch.") if type(value).__name__ == "dtype" else value
 
 
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:

@@ -320,7 +320,7 @@ def test_precompute_batch_size_positive():
     ({"max_grad_norm": -1.0}, "'max_grad_norm'"),
     ({"warmup_steps": -3}, "'warmup_steps'"),
     ({"report_to": ["none", "wandb"]}, "'report_to'.*none alone"),
-    ({"chat_template_path": "/nonexistent/t.jinja"}, "'chat_template_path'.*existing file"),
+    ({"chat_template_path": "/nonexistent/t.jinja"}, "'chat_template_path'.*existing .jinja file"),
     ({"deepspeed": "/nonexistent/ds.json"}, "'deepspeed'.*existing file"),
     ({"resume_from_checkpoint": "/nonexistent/ckpt"}, "'resume_from_checkpoint'.*auto"),
 ])
@@ -637,3 +637,19 @@ def test_trl_training_argument_defaults():
                  "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_token",
                  "f_alpha_divergence_coef", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon"):
         assert getattr(ours, name) == trl_defaults[name], name
+
+
+def test_torch_dtype_in_model_init_kwargs_saves_as_yaml(tmp_path):
+    import torch
+
+    c = DPOConfig(model_init_kwargs={"dtype": torch.bfloat16}, ref_model_init_kwargs={"dtype": torch.float16})
+    path = tmp_path / "config.yaml"
+    c.save(str(path))  # was yaml.representer.RepresenterError on torch.bfloat16
+    assert yaml.safe_load(path.read_text())["model_init_kwargs"] == {"dtype": "bfloat16"}
+    assert parse_args(["--config", str(path)]) == c
+    assert getattr(torch, c.model_init_kwargs["dtype"]) is torch.bfloat16
+
+
+def test_chat_template_path_takes_a_hub_id_or_tokenizer_dir(tmp_path):
+    assert DPOConfig(chat_template_path="HuggingFaceTB/SmolLM3-3B").chat_template_path == "HuggingFaceTB/SmolLM3-3B"
+    assert DPOConfig(chat_template_path=str(tmp_path)).chat_template_path == str(tmp_path)

@@ -21,7 +21,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .config import ConfigError, DPOConfig, load_deepspeed_config, reference_setup
+from .config import ConfigError, DPOConfig
+from .ds_config import load_deepspeed_config, reference_setup
 from .parser import parse_known
 
 GIB = 2**30

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Subset
 
 from . import checkpoint, preemption
 from .collate import PreferenceCollator
-from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
+from .config import DPOConfig
+from .ds_config import load_deepspeed_config, reference_deepspeed_config
 from .data import load_preference_data, prepare_dataset
 from .distributed import on_cpu, rank as _rank, world_size as _world
 from .engines import Engines, build_policy_engine, export_peft, load_for_engine

@@ -10,12 +10,10 @@ import yaml
 from transformers.trainer_utils import HubStrategy, IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.training_args import OptimizerNames
 
-from dpo_ds.config import (
+from dpo_ds.config import ConfigError, DPOConfig, field_docs
+from dpo_ds.ds_config import (
     DEFAULT_DEEPSPEED_CONFIG,
     DEFAULT_HIDDEN_SIZE,
-    ConfigError,
-    DPOConfig,
-    field_docs,
     load_deepspeed_config,
     reference_deepspeed_config,
     reference_setup,
@@ -653,3 +651,8 @@ def test_torch_dtype_in_model_init_kwargs_saves_as_yaml(tmp_path):
 def test_chat_template_path_takes_a_hub_id_or_tokenizer_dir(tmp_path):
     assert DPOConfig(chat_template_path="HuggingFaceTB/SmolLM3-3B").chat_template_path == "HuggingFaceTB/SmolLM3-3B"
     assert DPOConfig(chat_template_path=str(tmp_path)).chat_template_path == str(tmp_path)
+
+
+def test_builtin_deepspeed_default_is_ds_configs_zero3():
+    """The package-data copy the library loads equals the ds_configs/zero3.json users see."""
+    assert DEFAULT_DEEPSPEED_CONFIG == json.loads((REPO / "ds_configs/zero3.json").read_text())

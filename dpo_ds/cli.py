@@ -6,6 +6,7 @@ and status 1, without a traceback.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any, Callable
@@ -28,7 +29,6 @@ reason, the detected format, token-length percentiles and truncation counts. Exi
   --json             print one JSON object instead of text
   --show N           also print N tokenized examples, the prompt/completion boundary marked by
                      {BOUNDARY}"""
-FLAG_ALIASES = {"--dataset": "--dataset_name", "--model": "--model_name_or_path"}
 
 
 def data_check(argv: list[str]) -> int:
@@ -70,25 +70,23 @@ def data_check(argv: list[str]) -> int:
 
 def _data_check_flags(argv: list[str]) -> tuple[list[str], bool, int]:
     """Split off --json and --show N, and rename the --dataset/--model aliases; the rest are config flags."""
-    rest, as_json, show = [], False, 0
-    i = 0
-    while i < len(argv):
-        flag, has_value, value = argv[i].partition("=")
-        i += 1
-        if flag == "--json":
-            as_json = True
-        elif flag == "--show":
-            if not has_value:
-                value = argv[i] if i < len(argv) else ""
-                i += 1
-            if not value.isdigit():
-                raise ConfigError(f"--show needs a number of examples, got {value!r}", "show")
-            show = int(value)
-        elif flag in FLAG_ALIASES:
-            rest.append(FLAG_ALIASES[flag] + (f"={value}" if has_value else ""))
-        else:
-            rest.append(argv[i - 1])
-    return rest, as_json, show
+    parser = argparse.ArgumentParser(prog="dpo-ds data-check", add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--show", type=int, default=0)
+    parser.add_argument("--dataset")
+    parser.add_argument("--model")
+    try:
+        own, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        if err.argument_name == "--show":
+            raise ConfigError(f"--show needs a number of examples, got {err.message.rpartition(': ')[2]}",
+                              "show") from None
+        raise ConfigError(str(err)) from None
+    for flag, value in (("--dataset_name", own.dataset), ("--model_name_or_path", own.model)):
+        if value is not None:
+            rest.append(f"{flag}={value}")
+    return rest, own.json, own.show
 
 
 def _example(tokenizer: Any, row: dict) -> dict:

@@ -143,13 +143,18 @@ model directory (safetensors, config, tokenizer, chat template), in one process 
 
 def export(argv: list[str]) -> int:
     """``dpo-ds export CHECKPOINT OUT``: consolidate a checkpoint into a Hugging Face directory."""
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(EXPORT_USAGE)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    parser = argparse.ArgumentParser(prog="dpo-ds export", usage=EXPORT_USAGE.split("\n\n")[0].removeprefix("usage: "),
+                                     description=EXPORT_USAGE.split("\n\n", 1)[1])
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("out_dir")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
     from dpo_ds.checkpoint import export_checkpoint
 
     try:
-        out = export_checkpoint(argv[0], argv[1])
+        out = export_checkpoint(args.checkpoint_dir, args.out_dir)
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"dpo-ds export: error: {exc}", file=sys.stderr)
         return 1

@@ -216,20 +216,45 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+SUMMARIES = {
+    "data-check": "read and tokenize a dataset as training would; report what is kept and dropped",
+    "train": "train (the same as launch/train.py)",
+    "export": "write a checkpoint as a Hugging Face model directory",
+    "precompute-ref": "cache the reference model's log-probs of a run's data",
+    "hostfile": "check a hostfile, or write one for the current Slurm job",
+    "estimate": "estimate memory per GPU and node for a run",
+    "sweep": "run the same job under several DeepSpeed configs and compare",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    """`dpo-ds SUBCOMMAND ...`: one argparse subparser per COMMANDS entry; each parses its own arguments."""
+    parser = argparse.ArgumentParser(prog="dpo-ds", epilog="dpo-ds SUBCOMMAND --help for its flags",
+                                     allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, summary in SUMMARIES.items():
+        commands.add_parser(name, add_help=False, help=summary)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``dpo-ds SUBCOMMAND ...``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: dpo-ds {{{','.join(COMMANDS)}}} [flags]   (dpo-ds SUBCOMMAND --help for its flags)")
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"dpo-ds: error: unknown subcommand {name!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
+    parser = _parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        print(f"dpo-ds: error: unknown subcommand {argv[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[name](rest)
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](rest)
     except (DataError, ConfigError) as exc:
-        print(f"dpo-ds {name}: error: {exc}", file=sys.stderr)
+        print(f"dpo-ds {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

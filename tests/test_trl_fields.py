@@ -98,3 +98,16 @@ def test_aliases_fold_into_their_field():
     assert config.model_init_kwargs == {"dtype": "bfloat16", "revision": "v2"}
     assert config.dataset_streaming is True and config.eval_fraction == 0.1
     assert sources["peft_config"] == sources["eval_fraction"] == "command line"
+
+
+def test_documented_default_differences_are_the_real_ones():
+    """docs/trl_fields.md lists exactly the DPOConfig fields whose default differs from TRL's declared one."""
+    trl = {f.name: f for f in dataclasses.fields(__import__("trl").DPOConfig)}
+    ours = {f.name: f for f in dataclasses.fields(DPOConfig)}
+
+    def default(f):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    differing = {name for name in ours.keys() & trl.keys() if default(ours[name]) != default(trl[name])}
+    text = (REPO / "docs/trl_fields.md").read_text().split("## Defaults that differ from TRL 1.16")[1]
+    assert set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M)) == differing

@@ -11,7 +11,7 @@ setup(
     description="DeepSpeed-native DPO trainer and its loss family",
     python_requires=">=3.10",
     packages=find_packages(include=["dpo_ds", "dpo_ds.*"]),
-    package_data={"dpo_ds": ["builtin/*.jsonl", "templates/*.jinja"]},
+    package_data={"dpo_ds": ["builtin/*.jsonl", "templates/*.jinja", "ds_configs/*.json"]},
     include_package_data=True,
     install_requires=[
         # A range that the CPU build 2.13.0 satisfies: a GPU cluster keeps its own CUDA torch.

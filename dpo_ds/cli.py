@@ -6,12 +6,14 @@ and status 1, without a traceback.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dpo_ds.config import ConfigError, parse_known
+from dpo_ds.config import ConfigError
+from dpo_ds.parser import parse_known
 from dpo_ds.data import DataError, DataReport, PreferenceData, load_preference_data
 from dpo_ds.estimate import estimate_main
 from dpo_ds.sweep import sweep_main
@@ -28,7 +30,6 @@ reason, the detected format, token-length percentiles and truncation counts. Exi
   --json             print one JSON object instead of text
   --show N           also print N tokenized examples, the prompt/completion boundary marked by
                      {BOUNDARY}"""
-FLAG_ALIASES = {"--dataset": "--dataset_name", "--model": "--model_name_or_path"}
 
 
 def data_check(argv: list[str]) -> int:
@@ -71,25 +72,23 @@ def data_check(argv: list[str]) -> int:
 
 def _data_check_flags(argv: list[str]) -> tuple[list[str], bool, int]:
     """Split off --json and --show N, and rename the --dataset/--model aliases; the rest are config flags."""
-    rest, as_json, show = [], False, 0
-    i = 0
-    while i < len(argv):
-        flag, has_value, value = argv[i].partition("=")
-        i += 1
-        if flag == "--json":
-            as_json = True
-        elif flag == "--show":
-            if not has_value:
-                value = argv[i] if i < len(argv) else ""
-                i += 1
-            if not value.isdigit():
-                raise ConfigError(f"--show needs a number of examples, got {value!r}", "show")
-            show = int(value)
-        elif flag in FLAG_ALIASES:
-            rest.append(FLAG_ALIASES[flag] + (f"={value}" if has_value else ""))
-        else:
-            rest.append(argv[i - 1])
-    return rest, as_json, show
+    parser = argparse.ArgumentParser(prog="dpo-ds data-check", add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--show", type=int, default=0)
+    parser.add_argument("--dataset")
+    parser.add_argument("--model")
+    try:
+        own, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        if err.argument_name == "--show":
+            raise ConfigError(f"--show needs a number of examples, got {err.message.rpartition(': ')[2]}",
+                              "show") from None
+        raise ConfigError(str(err)) from None
+    for flag, value in (("--dataset_name", own.dataset), ("--model_name_or_path", own.model)):
+        if value is not None:
+            rest.append(f"{flag}={value}")
+    return rest, own.json, own.show
 
 
 def _example(tokenizer: Any, row: dict) -> dict:
@@ -154,15 +153,20 @@ config.yaml is not asked)."""
 
 def export(argv: list[str]) -> int:
     """``dpo-ds export CHECKPOINT OUT [--trust_remote_code]``: consolidate a checkpoint into a HF directory."""
-    trust = "--trust_remote_code" in argv
-    argv = [a for a in argv if a != "--trust_remote_code"]
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(EXPORT_USAGE)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    parser = argparse.ArgumentParser(prog="dpo-ds export", usage=EXPORT_USAGE.split("\n\n")[0].removeprefix("usage: "),
+                                     description=EXPORT_USAGE.split("\n\n", 1)[1])
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="let the model's own code run (never read from the checkpoint's config)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
     from dpo_ds.checkpoint import export_checkpoint
 
     try:
-        out = export_checkpoint(argv[0], argv[1], trust_remote_code=trust)
+        out = export_checkpoint(args.checkpoint_dir, args.out_dir, trust_remote_code=args.trust_remote_code)
     except (FileNotFoundError, RuntimeError) as exc:
         print(f"dpo-ds export: error: {exc}", file=sys.stderr)
         return 1
@@ -254,20 +258,45 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+SUMMARIES = {
+    "data-check": "read and tokenize a dataset as training would; report what is kept and dropped",
+    "train": "train (the same as launch/train.py)",
+    "export": "write a checkpoint as a Hugging Face model directory",
+    "precompute-ref": "cache the reference model's log-probs of a run's data",
+    "hostfile": "check a hostfile, or write one for the current Slurm job",
+    "estimate": "estimate memory per GPU and node for a run",
+    "sweep": "run the same job under several DeepSpeed configs and compare",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    """`dpo-ds SUBCOMMAND ...`: one argparse subparser per COMMANDS entry; each parses its own arguments."""
+    parser = argparse.ArgumentParser(prog="dpo-ds", epilog="dpo-ds SUBCOMMAND --help for its flags",
+                                     allow_abbrev=False)
+    commands = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, summary in SUMMARIES.items():
+        commands.add_parser(name, add_help=False, help=summary)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``dpo-ds SUBCOMMAND ...``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: dpo-ds {{{','.join(COMMANDS)}}} [flags]   (dpo-ds SUBCOMMAND --help for its flags)")
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"dpo-ds: error: unknown subcommand {name!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
+    parser = _parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        print(f"dpo-ds: error: unknown subcommand {argv[0]!r}; expected one of {list(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return COMMANDS[name](rest)
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](rest)
     except (DataError, ConfigError) as exc:
-        print(f"dpo-ds {name}: error: {exc}", file=sys.stderr)
+        print(f"dpo-ds {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

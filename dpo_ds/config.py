@@ -1,5 +1,6 @@
-"""DPOConfig: every knob of a run, its YAML/CLI parsing, validation, and the
-DeepSpeed config derived from it.
+"""DPOConfig: every knob of a run, its documentation and its validation.
+
+Parsing lives in `parser.py`; the DeepSpeed JSON derived from a config in `ds_config.py`.
 
 Field names follow TRL's `DPOConfig`/`TrainingArguments`/`ModelConfig` where the
 meaning is the same, so a TRL user's YAML carries over. The string under each
@@ -10,7 +11,6 @@ any model is loaded.
 from __future__ import annotations
 
 import ast
-import copy
 import dataclasses
 import difflib
 import functools
@@ -18,7 +18,6 @@ import inspect
 import json
 import math
 import os
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,7 +77,7 @@ class DPOConfig:
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers (eager, sdpa, flash_attention_2, ...)."""
     chat_template_path: Optional[str] = None
-    """Jinja chat template file that replaces the tokenizer's own template."""
+    """Chat template replacing the tokenizer's own: a .jinja file, or a tokenizer directory or hub id to borrow it from."""
     eos_token: Optional[str] = None
     """End-of-sequence token to use instead of the tokenizer's (e.g. "<|im_end|>")."""
     disable_dropout: bool = True
@@ -275,6 +274,8 @@ class DPOConfig:
     """Create the hub repository as private; None = the organization's default."""
     hub_token: Optional[str] = None
     """Hub token; None = the one huggingface_hub finds (HF_TOKEN, the cached login)."""
+    ddp_timeout: int = 1800
+    """Seconds a collective may wait before the process group gives up (transformers' ddp_timeout)."""
     save_steps: Optional[int] = 500
     """Optimizer steps between checkpoints; none = no checkpoints during training (the final export still happens)."""
     save_total_limit: Optional[int] = None
@@ -318,14 +319,15 @@ class DPOConfig:
     """Refuse to train when more than this fraction of the train rows is dropped in preparation."""
     max_restarts: int = 3
     """Under Slurm, requeue a crashed job (exit status neither 0 nor 75) at most this many times."""
-    ddp_timeout: int = 1800
-    """Seconds a collective may wait before the process group gives up (TRL's name and default)."""
 
     def __post_init__(self) -> None:
         hints = _type_hints()
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         self._fold_evaluation_strategy()
+        for name in ("model_init_kwargs", "ref_model_init_kwargs"):
+            if getattr(self, name):
+                setattr(self, name, {k: _dtype_name(v) for k, v in getattr(self, name).items()})
         if self.report_to == ["none"]:
             self.report_to = []
         self._check_values()
@@ -351,7 +353,7 @@ class DPOConfig:
         """The documentation string of field `name`."""
         docs = field_docs()
         if name not in docs:
-            raise _unknown_key(name, "DPOConfig.help")
+            raise unknown_key(name, "DPOConfig.help")
         return docs[name]
 
     def to_dict(self) -> dict[str, Any]:
@@ -367,7 +369,8 @@ class DPOConfig:
     @classmethod
     def load(cls, path: str) -> "DPOConfig":
         """Read a YAML config written by `save` (or by hand)."""
-        return cls(**_read_yaml(path))
+        with open(path) as fh:
+            return cls(**(yaml.safe_load(fh) or {}))
 
     def _fold_evaluation_strategy(self) -> None:
         """transformers' old name evaluation_strategy sets eval_strategy, unless both are set differently."""
@@ -425,10 +428,11 @@ class DPOConfig:
                 _fail(name, value, f"a number in {interval}")
         if len(self.report_to) > 1 and {"none", "all"} & set(self.report_to):
             _fail("report_to", self.report_to, "either none or all alone, or a list of tensorboard, wandb, trackio")
-        for name in ("chat_template_path", "deepspeed"):
-            path = getattr(self, name)
-            if path is not None and not os.path.isfile(path):
-                _fail(name, path, "an existing file")
+        if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
+            _fail("deepspeed", self.deepspeed, "an existing file")
+        template = self.chat_template_path
+        if template is not None and template.endswith(".jinja") and not os.path.isfile(template):
+            _fail("chat_template_path", template, "an existing .jinja file, a tokenizer directory or a hub id")
         resume = self.resume_from_checkpoint
         if resume not in (None, "auto") and not os.path.isdir(resume):
             _fail("resume_from_checkpoint", resume, '"auto" or an existing checkpoint directory')
@@ -514,6 +518,11 @@ def _validate_losses(cfg: DPOConfig) -> None:
         raise ConfigError(str(err)) from err
 
 
+def _dtype_name(value: Any) -> Any:
+    """A torch.dtype as its name ("bfloat16"), which from_pretrained accepts too and YAML can save."""
+    return str(value).removeprefix("torch.") if type(value).__name__ == "dtype" else value
+
+
 def _fail(name: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"config key {name!r} = {value!r}: expected {allowed}", name)
 
@@ -561,26 +570,6 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is list:
         return f"{_type_name(args[0])} list"
     return {dict: "json", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def format_help(prog: str = "train.py") -> str:
-    """The --help text: every field with its type, default and documentation, by group."""
-    docs, groups = _source_info()
-    hints = _type_hints()
-    out = [f"usage: {prog} [--config RUN.yaml] [--KEY VALUE ...]",
-           "",
-           "Values come from the defaults, then the YAML file, then the command line (last wins).",
-           "Booleans: --KEY, --KEY true|false. Lists: space- or comma-separated. Dicts: JSON. "
-           "Optional keys accept none."]
-    group = None
-    for f in dataclasses.fields(DPOConfig):
-        if groups[f.name] != group:
-            group = groups[f.name]
-            out += ["", f"{group}:"]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        out.append(f"  --{f.name} {_type_name(hints[f.name]).upper()}  (default: {default!r})")
-        out.append(f"      {docs[f.name]}")
-    return "\n".join(out)
 
 
 # ----------------------------------------------------------------------------- value coercion
@@ -656,323 +645,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"DPOConfig field {key!r} has an unsupported type {tp!r}")
 
 
-# ----------------------------------------------------------------------------- parsing
+# ----------------------------------------------------------------------------- keys
 
-# Launcher-injected flags that carry a value meant for someone else.
-IGNORED_FLAGS = ("local_rank",)
-# TRL ModelConfig flags that map into model_init_kwargs.
-KWARG_ALIASES = {"dtype": "dtype", "torch_dtype": "dtype", "model_revision": "revision"}
+def unknown_key(key: str, where: str) -> ConfigError:
+    """The error for a key that is neither a DPOConfig field nor a TRL key, suggesting the closest valid one."""
+    from .trl_fields import ALIASES, NO_EFFECT, REFUSED
 
-
-def _unknown_key(key: str, where: str) -> ConfigError:
-    valid = [f.name for f in dataclasses.fields(DPOConfig)] + list(KWARG_ALIASES)
+    valid = [f.name for f in dataclasses.fields(DPOConfig)] + list(ALIASES) + list(NO_EFFECT) + list(REFUSED)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else "; run with --help to list the valid keys"
     return ConfigError(f"unknown config key {key!r} ({where}){hint}", key)
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of config keys, got {type(data).__name__}")
-    return _apply_aliases(data, f"in {path}")
-
-
-def _apply_aliases(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Check every key, and fold TRL's model flags (dtype, model_revision) into model_init_kwargs."""
-    names = {f.name for f in dataclasses.fields(DPOConfig)}
-    out: dict[str, Any] = {}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        key = str(key)
-        if key in KWARG_ALIASES:
-            kwargs[KWARG_ALIASES[key]] = value
-        elif key in names:
-            out[key] = value
-        else:
-            raise _unknown_key(key, where)
-    if kwargs:
-        base = _coerce("model_init_kwargs", out.get("model_init_kwargs", {}), dict)
-        out["model_init_kwargs"] = {**base, **kwargs}
-    return out
-
-
-def parse_known(argv: Optional[list[str]] = None) -> tuple[DPOConfig, list[str]]:
-    """Build a DPOConfig from `--config FILE` and `--key value` flags.
-
-    Flags that are not config keys, their values, positional words and -h/--help are
-    returned untouched (in order) for a subcommand to handle.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    names = {f.name for f in dataclasses.fields(DPOConfig)}
-    hints = _type_hints()
-    config_path, flags, remaining = None, {}, []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        i += 1
-        if not tok.startswith("--") or tok == "--help":
-            remaining.append(tok)
-            continue
-        name, has_eq, inline = tok[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in names and name not in KWARG_ALIASES and name not in IGNORED_FLAGS and name != "config":
-            remaining.append(tok)
-            while not has_eq and i < len(argv) and not argv[i].startswith("--"):
-                remaining.append(argv[i])
-                i += 1
-            continue
-        tp = hints.get(name)
-        takes_list = tp is not None and any(typing.get_origin(a) is list for a in (tp, *typing.get_args(tp)))
-        if has_eq:
-            values = [inline]
-        else:
-            values = []
-            while i < len(argv) and not argv[i].startswith("--") and (takes_list or not values):
-                if tp is bool and argv[i].lower() not in _TRUE + _FALSE:
-                    break
-                values.append(argv[i])
-                i += 1
-            if tp is bool and not values:
-                values = ["true"]
-        if not values:
-            raise ConfigError(f"--{name} needs a value", name)
-        if name in IGNORED_FLAGS:
-            continue
-        if name == "config":
-            config_path = values[0]
-        else:
-            flags[name] = values if takes_list and len(values) > 1 else values[0]
-    merged = _read_yaml(config_path) if config_path else {}
-    cli = _apply_aliases(flags, "on the command line")
-    if "model_init_kwargs" in cli and "model_init_kwargs" in merged and "model_init_kwargs" not in flags:
-        cli["model_init_kwargs"] = {**_coerce("model_init_kwargs", merged["model_init_kwargs"], dict),
-                                    **cli["model_init_kwargs"]}
-    merged.update(cli)
-    try:
-        return DPOConfig(**merged), remaining
-    except ConfigError as err:
-        where = [f"{k} set on the command line" if k in cli else f"{k} set in {config_path}"
-                 for k in err.keys if k in merged]
-        if not where:
-            raise
-        raise ConfigError(f"{err} ({'; '.join(where)})", *err.keys) from None
-
-
-def parse_args(argv: Optional[list[str]] = None, prog: str = "train.py") -> DPOConfig:
-    """Like parse_known, but anything that is not a config flag is an error; --help prints and exits."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(format_help(prog))
-        raise SystemExit(0)
-    config, remaining = parse_known(argv)
-    if remaining:
-        tok = remaining[0]
-        if tok.startswith("--"):
-            raise _unknown_key(tok[2:].partition("=")[0].replace("-", "_"), "on the command line")
-        raise ConfigError(f"unexpected argument {tok!r}: values follow a --key flag")
-    return config
-
-
-# ----------------------------------------------------------------------------- DeepSpeed
-
-# Used when DPOConfig.deepspeed is None: ZeRO-3 without offload (the same as ds_configs/zero3.json);
-# load_deepspeed_config makes it stage 0 for an fp32 run on one rank.
-DEFAULT_DEEPSPEED_CONFIG: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "train_batch_size": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": "auto"},
-    "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
-    "steps_per_print": 1_000_000_000,
-    "wall_clock_breakdown": False,
-    "zero_optimization": {
-        "stage": 3,
-        "overlap_comm": True,
-        "contiguous_gradients": True,
-        "reduce_bucket_size": "auto",
-        "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto",
-        "stage3_max_live_parameters": 1e9,
-        "stage3_max_reuse_distance": 1e9,
-        "stage3_gather_16bit_weights_on_model_save": True,
-    },
-}
-
-# Hidden size assumed for the ZeRO-3 "auto" bucket sizes when the model's is not known yet: the
-# buckets of a mid-size (7B-class) model stay small enough for a laptop and large enough for a GPU.
-DEFAULT_HIDDEN_SIZE = 4096
-
-
-def _read_deepspeed_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"deepspeed config file {path!r} does not exist", "deepspeed")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"deepspeed config file {path!r} is not valid JSON: {err.msg} at line {err.lineno} "
-                          f"column {err.colno}", "deepspeed") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"deepspeed config file {path!r} must hold a JSON object", "deepspeed")
-    return data
-
-
-class _Filler:
-    """Replaces "auto" values and records explicit values that contradict DPOConfig."""
-
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-        self.mismatches: list[str] = []
-
-    def node(self, path: str) -> tuple[Optional[dict], str]:
-        *parents, key = path.split(".")
-        node = self.config
-        for p in parents:
-            node = node.get(p)
-            if not isinstance(node, dict):
-                return None, key
-        return node, key
-
-    def fill(self, path: str, value: Any, source: Optional[str], add_missing: bool = False) -> None:
-        """Set an "auto" (or, with add_missing, absent) value; an explicit different value is a mismatch
-        unless source is None (a value DPOConfig has no opinion on)."""
-        node, key = self.node(path)
-        if node is None:
-            return
-        current = node.get(key)
-        if current == "auto" or (current is None and add_missing):
-            node[key] = value
-        elif current is not None and source is not None and not _same(current, value):
-            self.mismatches.append(f"{path}={current!r} in the DeepSpeed config vs {source}={value!r}")
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def _find_auto(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _find_auto(v, f"{prefix}{k}.")]
-    return [prefix[:-1]] if node == "auto" else []
-
-
-def load_deepspeed_config(
-    args: DPOConfig,
-    world_size: int,
-    hidden_size: Optional[int] = None,
-    num_training_steps: Optional[int] = None,
-) -> dict[str, Any]:
-    """The policy engine's DeepSpeed config: args.deepspeed (or the built-in ZeRO-3 default) with
-    every "auto" filled from args the way transformers' HfTrainerDeepSpeedConfig fills it.
-
-    hidden_size sizes the ZeRO buckets (DEFAULT_HIDDEN_SIZE when unknown); num_training_steps
-    (default: args.max_steps when > 0) fills a scheduler section's step counts. An explicit value
-    that contradicts args is a ConfigError naming both.
-    """
-    if world_size < 1:
-        raise ConfigError(f"world_size must be >= 1, got {world_size}")
-    source = args.deepspeed or "the built-in default"
-    config = _read_deepspeed_json(args.deepspeed) if args.deepspeed else copy.deepcopy(DEFAULT_DEEPSPEED_CONFIG)
-    if not args.deepspeed and world_size == 1 and not (args.bf16 or args.fp16):
-        # One rank has nothing to partition: ZeRO-3 would only add per-module gathers and a second fp32
-        # copy of the weights. A stage-0 checkpoint converts to ZeRO-3's layout when resumed on more
-        # ranks (checkpoint.load). Mixed precision keeps ZeRO-3: its stage-0 optimizer state has no converter.
-        config["zero_optimization"] = {"stage": 0}
-    if num_training_steps is None and args.max_steps > 0:
-        num_training_steps = args.max_steps
-    f = _Filler(config)
-    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
-    f.fill("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size", add_missing=True)
-    f.fill("gradient_accumulation_steps", accum, "gradient_accumulation_steps", add_missing=True)
-    f.fill("train_batch_size", micro * accum * world_size,
-           f"per_device_train_batch_size*gradient_accumulation_steps*world_size ({micro}*{accum}*{world_size})",
-           add_missing=True)
-    f.fill("gradient_clipping", args.max_grad_norm, "max_grad_norm", add_missing=True)
-
-    f.fill("optimizer.params.lr", args.learning_rate, "learning_rate")
-    f.fill("optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "[adam_beta1, adam_beta2]")
-    f.fill("optimizer.params.eps", args.adam_epsilon, "adam_epsilon")
-    f.fill("optimizer.params.weight_decay", args.weight_decay, "weight_decay")
-
-    f.fill("scheduler.params.warmup_min_lr", 0, None)
-    f.fill("scheduler.params.warmup_max_lr", args.learning_rate, "learning_rate")
-    if num_training_steps is not None:
-        f.fill("scheduler.params.total_num_steps", num_training_steps, "the number of training steps")
-        # DeepSpeed >= 0.19.6 rejects warmup_num_steps <= 0, so a no-warmup run gets 1 (as transformers does).
-        f.fill("scheduler.params.warmup_num_steps", max(1, args.get_warmup_steps(num_training_steps)),
-               "warmup_steps (from warmup_steps/warmup_ratio)")
-
-    for flag in ("bf16", "fp16"):
-        section = "bfloat16" if flag == "bf16" and "bfloat16" in config else flag
-        if getattr(args, flag) and section not in config:
-            config[section] = {"enabled": True}
-        f.fill(f"{section}.enabled", getattr(args, flag), flag)
-
-    size = hidden_size or DEFAULT_HIDDEN_SIZE
-    f.fill("zero_optimization.reduce_bucket_size", size * size, None)
-    f.fill("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * size * size), None)
-    f.fill("zero_optimization.stage3_param_persistence_threshold", 10 * size, None)
-
-    if f.mismatches:
-        raise ConfigError(f"{source} contradicts the run config:\n  - " + "\n  - ".join(f.mismatches)
-                          + '\nSet these DeepSpeed values to "auto" or make them equal.', "deepspeed")
-    zero = config.get("zero_optimization", {})
-    param_offload = zero.get("offload_param", {}).get("device", "none")
-    if param_offload not in (None, "none") and int(zero.get("stage", 0)) < 3:
-        raise ConfigError(f"{source}: zero_optimization.offload_param.device={param_offload!r} needs stage 3 "
-                          f"(got stage {zero.get('stage', 0)}): DeepSpeed would silently keep the parameters on "
-                          "the device; use stage 3 or remove offload_param", "deepspeed")
-    left = _find_auto(config)
-    if left:
-        hint = (" (the scheduler's step counts need num_training_steps or max_steps > 0)"
-                if any(p.startswith("scheduler.") for p in left) else "")
-        raise ConfigError(f"{source}: no rule fills these \"auto\" values{hint}: {', '.join(left)}; "
-                          "set them explicitly", "deepspeed")
-    return config
-
-
-def reference_setup(args: DPOConfig, policy_ds: dict[str, Any], on_cpu: bool = False) -> tuple[int, str]:
-    """(ZeRO stage, offload device) of the reference engine: ref_zero_stage and ref_offload where set.
-
-    Unset, the reference is ZeRO-3 offloaded to CPU (sharded across ranks, off the accelerator between
-    uses), except beside the built-in one-rank stage-0 policy of a CPU run (`on_cpu`): there it is
-    replicated too, since one rank has nothing to shard and a CPU run nowhere to offload to.
-    """
-    one_rank_default = not args.deepspeed and int(policy_ds.get("zero_optimization", {}).get("stage", 0)) == 0
-    stage = args.ref_zero_stage
-    if stage is None:
-        stage = 0 if one_rank_default and on_cpu and args.ref_offload in ("auto", "none") else 3
-    offload = args.ref_offload if args.ref_offload != "auto" else ("cpu" if stage == 3 else "none")
-    return stage, offload
-
-
-def reference_deepspeed_config(args: DPOConfig, policy_ds: dict[str, Any], on_cpu: bool = False) -> dict[str, Any]:
-    """The inference-only reference engine's config, derived from the policy's filled config:
-    the ZeRO stage and offload of `reference_setup`, the same precision and batch sizes, and no
-    optimizer or scheduler."""
-    ref = {key: copy.deepcopy(policy_ds[key]) for key in (
-        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-        "bf16", "bfloat16", "fp16", "steps_per_print", "wall_clock_breakdown") if key in policy_ds}
-    stage, offload = reference_setup(args, policy_ds, on_cpu)
-    zero: dict[str, Any] = {"stage": stage}
-    if stage == 3:
-        policy_zero = policy_ds.get("zero_optimization", {})
-        zero.update({k: v for k, v in policy_zero.items() if k.startswith("stage3_")})
-        if offload != "none":
-            zero["offload_param"] = {"device": offload, "pin_memory": True}
-            if offload == "nvme":
-                zero["offload_param"]["nvme_path"] = args.ref_nvme_path
-    ref["zero_optimization"] = zero
-    return ref

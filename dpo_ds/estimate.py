@@ -16,12 +16,15 @@ A pair is two sequences (chosen and rejected), each padded to `max_length`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .config import ConfigError, DPOConfig, load_deepspeed_config, parse_known, reference_setup
+from .config import ConfigError, DPOConfig
+from .ds_config import load_deepspeed_config, reference_setup
+from .parser import parse_known
 
 GIB = 2**30
 BUFFER_FACTOR = 1.5
@@ -400,35 +403,28 @@ def format_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"needs an integer >= 1, got {text!r}")
+    return value
+
+
 def _own_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     """Split off --nodes, --gpus-per-node, --gpu-memory, --json and rename --model; the rest are config flags."""
-    names = {"--nodes": "nodes", "--gpus-per-node": "gpus_per_node", "--gpus_per_node": "gpus_per_node",
-             "--gpu-memory": "gpu_memory", "--gpu_memory": "gpu_memory"}
-    opts: dict[str, Any] = {"nodes": 1, "gpus_per_node": 1, "gpu_memory": None, "json": False}
-    rest, i = [], 0
-    while i < len(argv):
-        flag, has_value, value = argv[i].partition("=")
-        i += 1
-        if flag == "--json":
-            opts["json"] = True
-        elif flag in names:
-            if not has_value:
-                if i >= len(argv) or argv[i].startswith("--"):
-                    raise ConfigError(f"{flag} needs a value")
-                value = argv[i]
-                i += 1
-            key = names[flag]
-            if key == "gpu_memory":
-                opts[key] = parse_size(value)
-            elif value.isdigit() and int(value) >= 1:
-                opts[key] = int(value)
-            else:
-                raise ConfigError(f"{flag} needs an integer >= 1, got {value!r}", key)
-        elif flag == "--model":
-            rest.append("--model_name_or_path" + (f"={value}" if has_value else ""))
-        else:
-            rest.append(argv[i - 1])
-    return rest, opts
+    parser = argparse.ArgumentParser(prog="dpo-ds estimate", add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--nodes", type=_positive_int, default=1)
+    parser.add_argument("--gpus-per-node", "--gpus_per_node", dest="gpus_per_node", type=_positive_int, default=1)
+    parser.add_argument("--gpu-memory", "--gpu_memory", dest="gpu_memory", type=parse_size)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--model")
+    try:
+        opts, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        raise ConfigError(str(err), (err.argument_name or "").lstrip("-").replace("-", "_")) from None
+    if opts.model is not None:
+        rest.append(f"--model_name_or_path={opts.model}")
+    return rest, vars(opts)
 
 
 def estimate_main(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ DeepSpeed accepts that are probably not what was meant.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import re
@@ -143,22 +144,35 @@ from-slurm   write a hostfile for this Slurm job (SLURM_JOB_NODELIST); slots per
              else SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE / SLURM_NTASKS_PER_NODE"""
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-ds hostfile", usage=USAGE.split("\n\n")[0].removeprefix("usage: "),
+                                     description=USAGE.split("\n\n", 1)[1], allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("check").add_argument("hostfile")
+    slurm = actions.add_parser("from-slurm")
+    slurm.add_argument("--slots", type=int, help="slots per node (default: from the Slurm variables)")
+    slurm.add_argument("--output", help="file to write (default: stdout)")
+    return parser
+
+
 def cli(argv: list[str]) -> int:
     """`dpo-ds hostfile check H` / `dpo-ds hostfile from-slurm [--slots N] [--output F]`."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    action, rest = argv[0], argv[1:]
+    parser = _parser()
+    if not argv:
+        parser.print_help()
+        return 2
     try:
-        if action == "check" and len(rest) == 1:
-            return _check(rest[0])
-        if action == "from-slurm":
-            return _from_slurm(rest)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
+    try:
+        if args.action == "check":
+            return _check(args.hostfile)
+        return _from_slurm(args.slots, args.output)
     except HostfileError as err:
-        print(f"dpo-ds hostfile {action}: error: {err}", file=sys.stderr)
+        print(f"dpo-ds hostfile {args.action}: error: {err}", file=sys.stderr)
         return 1
-    print(USAGE, file=sys.stderr)
-    return 2
 
 
 def _check(path: str) -> int:
@@ -174,17 +188,7 @@ def _check(path: str) -> int:
     return 0
 
 
-def _from_slurm(argv: list[str]) -> int:
-    slots, output = None, None
-    args = iter(argv)
-    for flag in args:
-        value = next(args, None)
-        if flag == "--slots" and value is not None and value.isdigit():
-            slots = int(value)
-        elif flag == "--output" and value:
-            output = value
-        else:
-            raise HostfileError(f"bad argument {flag!r} {value or ''}; expected --slots N or --output FILE")
+def _from_slurm(slots: Optional[int], output: Optional[str]) -> int:
     text = from_slurm(slots=slots)
     if output:
         with open(output, "w") as f:

@@ -206,13 +206,15 @@ def load_tokenizer(name_or_path: str, args: Any = None) -> PreTrainedTokenizerBa
 
 
 def _read_chat_template(template_path: str) -> str:
-    """A Jinja file's text, or the chat template of the tokenizer in a model directory."""
+    """A Jinja file's text, or the chat template of the tokenizer in a model directory or hub repo (as TRL)."""
     path = Path(template_path).expanduser()
     if path.is_file():
         return path.read_text()
-    if not path.is_dir() and template_path != BUILTIN:
-        raise FileNotFoundError(f"chat_template_path '{template_path}' is neither a file nor a directory")
-    template = AutoTokenizer.from_pretrained(resolve_model_path(template_path)).chat_template
+    try:
+        template = AutoTokenizer.from_pretrained(resolve_model_path(template_path)).chat_template
+    except OSError as exc:
+        raise FileNotFoundError(f"chat_template_path '{template_path}' is neither a file, a tokenizer directory "
+                                f"nor a loadable hub id: {exc}") from exc
     if not template:
         raise ValueError(f"chat_template_path '{template_path}': its tokenizer has no chat template")
     return template

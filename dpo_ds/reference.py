@@ -421,7 +421,7 @@ def run_precompute(args) -> dict[str, Path]:
     from transformers import AutoConfig
 
     from .collate import PreferenceCollator
-    from .config import load_deepspeed_config, reference_deepspeed_config
+    from .ds_config import load_deepspeed_config, reference_deepspeed_config
     from .data import load_preference_data
     from .models import adapter_base_path, disable_dropout, load_model, load_policy_model
     from .models import reference_args, resolve_model_path

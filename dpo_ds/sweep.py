@@ -18,6 +18,7 @@ compared with the first successful one, and a difference beyond `--loss_toleranc
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -30,9 +31,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from .config import ConfigError, DPOConfig, parse_known
+from .config import ConfigError, DPOConfig
+from .parser import parse_known
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
@@ -91,46 +93,50 @@ class SweepOptions:
 
 def parse_sweep_args(argv: list[str]) -> Optional[SweepOptions]:
     """The sweep's flags; None for --help. Unknown flags are left for the training config to judge."""
-    values: dict[str, list[str]] = {}
-    train, i = [], 0
-    own = {"--deepspeed", "--set", "--steps", "--out", "--num_gpus", "--timeout", "--loss_tolerance"}
-    while i < len(argv):
-        flag, has_value, inline = argv[i].partition("=")
-        i += 1
-        if flag in ("-h", "--help"):
-            return None
-        if flag not in own:
-            train.append(argv[i - 1])
-            continue
-        words = [inline] if has_value else []
-        while not has_value and i < len(argv) and not argv[i].startswith("--"):
-            words.append(argv[i])
-            i += 1
-        if not words:
-            raise ConfigError(f"{flag} needs a value")
-        values.setdefault(flag, []).extend(words)
-    if not values.get("--deepspeed"):
-        raise ConfigError("dpo-ds sweep needs --deepspeed with at least one DeepSpeed config file")
-    if not values.get("--out"):
-        raise ConfigError("dpo-ds sweep needs --out DIR (where the results go)")
-    opts = SweepOptions(deepspeed=values["--deepspeed"], out=Path(values["--out"][-1]), train_flags=train)
-    for flag, kind, low, strict in (("--steps", int, 1, False), ("--num_gpus", int, 1, False),
-                                    ("--timeout", float, 0, True), ("--loss_tolerance", float, 0, False)):
-        if flag in values:
-            setattr(opts, flag[2:], _number(flag, values[flag][-1], kind, low, strict))
-    opts.sets = [_parse_set(word) for word in values.get("--set", [])]
-    return opts
-
-
-def _number(flag: str, text: str, kind: type, low: float, strict: bool) -> Any:
+    parser = argparse.ArgumentParser(prog="dpo-ds sweep", add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--deepspeed", nargs="+", action="extend", default=[])
+    parser.add_argument("--set", nargs="+", action="extend", dest="sets", default=[], type=_set_type)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--steps", type=_number("--steps", int, 1, False), default=5)
+    parser.add_argument("--num_gpus", type=_number("--num_gpus", int, 1, False))
+    parser.add_argument("--timeout", type=_number("--timeout", float, 0, True), default=3600.0)
+    parser.add_argument("--loss_tolerance", type=_number("--loss_tolerance", float, 0, False), default=1e-3)
     try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or value < low or (strict and value == low):
-        raise ConfigError(f"{flag} {text!r}: expected {'an integer' if kind is int else 'a number'} "
-                          f"{'>' if strict else '>='} {low}")
-    return value
+        own, train = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        raise ConfigError(str(err)) from None
+    if own.help:
+        return None
+    if not own.deepspeed:
+        raise ConfigError("dpo-ds sweep needs --deepspeed with at least one DeepSpeed config file")
+    if own.out is None:
+        raise ConfigError("dpo-ds sweep needs --out DIR (where the results go)")
+    return SweepOptions(deepspeed=own.deepspeed, out=own.out, steps=own.steps, sets=own.sets,
+                        num_gpus=own.num_gpus, timeout=own.timeout, loss_tolerance=own.loss_tolerance,
+                        train_flags=train)
+
+
+def _number(flag: str, kind: type, low: float, strict: bool) -> Callable[[str], Any]:
+    """argparse type: a number of `kind` >= low (> low when strict); the error names the flag."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected {'an integer' if kind is int else 'a number'} "
+                                             f"{'>' if strict else '>='} {low}")
+        return value
+    return parse
+
+
+def _set_type(word: str) -> tuple[str, list[str]]:
+    """argparse type of --set KEY=V1,V2 (the error keeps _parse_set's message)."""
+    try:
+        return _parse_set(word)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _parse_set(word: str) -> tuple[str, list[str]]:

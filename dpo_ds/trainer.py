@@ -7,6 +7,7 @@ the loss is reference-free, one no-grad forward of the reference engine.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -23,8 +24,9 @@ from torch.utils.data import DataLoader, Subset
 
 from . import checkpoint, hub, preemption, vision
 from .collate import PreferenceCollator
-from .config import DPOConfig, load_deepspeed_config, reference_deepspeed_config
+from .config import DPOConfig
 from .data import DataError, load_preference_data, prepare_dataset
+from .ds_config import load_deepspeed_config, reference_deepspeed_config
 from .distributed import on_cpu, rank as _rank, world_size as _world
 from .engines import (METRIC_SCHEDULERS, Engines, build_policy_engine, export_peft, load_for_engine, metric_scheduler,
                       router_aux_loss_coef)
@@ -695,28 +697,46 @@ class DPOTrainer:
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """`deepspeed launch/train.py [--config X.yaml] [--key value ...]`; exit code 0 on success.
+def resolve_config(argv: list[str]) -> tuple[DPOConfig, dict[str, str], list[str]]:
+    """(config, where each value came from, warnings about keys without effect) of a train.py command line.
 
-    Without --config the embedded default (examples/default.yaml) is used.
-    An error on any rank ends the process with code 1 at once: the launcher
-    then stops the other ranks instead of leaving them waiting in a collective.
+    The embedded default (examples/default.yaml) applies only to a command line with no run
+    arguments, launcher arguments (--local_rank) aside; otherwise unset keys keep DPOConfig's defaults.
+    """
+    from .parser import ConfigParser
+
+    launcher = argparse.ArgumentParser(add_help=False)
+    launcher.add_argument("--local_rank", "--local-rank")
+    if not launcher.parse_known_args(argv)[1]:
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    parser = ConfigParser(prog="train.py")
+    config, sources, _ = parser.parse(argv)
+    return config, sources, parser.notes
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`deepspeed launch/train.py [--config X.yaml] [--key value ...]`; exit code 0 on success, 2 on a config error.
+
+    Given no run arguments at all (launcher arguments such as --local_rank aside), the embedded
+    default (examples/default.yaml) runs. Given any, every key they do not set keeps DPOConfig's
+    default, which is TRL's. An error on any rank ends the process with code 1 at once: the
+    launcher then stops the other ranks instead of leaving them waiting in a collective.
     """
     import sys
     import traceback
     import warnings
 
     from . import distributed
-    from .config import ConfigError, parse_args
+    from .config import ConfigError
+    from .parser import describe
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "--help" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
     try:
-        args = parse_args(argv)
+        args, sources, notes = resolve_config(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         print(f"dpo_ds: config error: {e}", file=sys.stderr)
         return 2
+    if _rank() == 0:
+        print("\n".join([describe(args, sources), *(f"dpo_ds: warning: {n}" for n in notes)]), flush=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed's ZeRO-3 calls torch's deprecated collective names on every step: one line each, no signal.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")

@@ -89,7 +89,7 @@ def test_dispatch(capsys):
 @pytest.mark.parametrize("argv", [["--dataset=x.jsonl", "--model", "m"], ["--dataset", "x.jsonl", "--model=m"]])
 def test_aliases_become_config_keys(argv):
     from dpo_ds.cli import _data_check_flags
-    from dpo_ds.config import parse_known
+    from dpo_ds.parser import parse_known
 
     rest, as_json, show = _data_check_flags(argv + ["--json", "--show=3"])
     config, remaining = parse_known(rest)

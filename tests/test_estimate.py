@@ -91,7 +91,7 @@ def test_setups_deepspeed_does_not_cover_follow_the_same_bytes_per_parameter():
 def test_zero_setup_reads_the_shipped_configs_and_rejects_impossible_offload():
     def read(name: str, **flags) -> ZeroSetup:
         args = DPOConfig(deepspeed=str(DS_CONFIGS / name), **flags)
-        from dpo_ds.config import load_deepspeed_config
+        from dpo_ds.ds_config import load_deepspeed_config
         return ZeroSetup.from_deepspeed(load_deepspeed_config(args, 8, hidden_size=64, num_training_steps=1))
 
     assert read("zero2.json") == ZeroSetup(2, weight_bytes=4)

@@ -396,3 +396,11 @@ def test_flops_per_token_untied_qwen(tiny_qwen_dir):
 def test_flops_negative_seq_len_is_an_error(tiny_model_dir):
     with pytest.raises(ValueError, match="seq_len"):
         model_flops_per_token(load_model(tiny_model_dir).config, -1)
+
+
+def test_chat_template_hub_id_is_accepted_and_fails_clearly_offline(monkeypatch):
+    """TRL takes a hub id (a model whose template is borrowed); offline, the error names the key and the id."""
+    config = args(chat_template_path="HuggingFaceTB/SmolLM3-3B")  # no "expected an existing file"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="chat_template_path 'HuggingFaceTB/SmolLM3-3B' is neither"):
+        load_tokenizer("builtin", config)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from dpo_ds import distributed
-from dpo_ds.config import parse_args
+from dpo_ds.parser import parse_args
 from dpo_ds.trainer import DPOTrainer, _rank
 
 args = parse_args(sys.argv[1:])

@@ -320,8 +320,11 @@ def precompute(source: _OnlineReference, dataset, directory: Path, batches: Call
     _barrier()
     rows: list[int] = []
     values: list[Tensor] = []
+    # A DeepSpeed engine knows its device (an offloaded one keeps parameters on the CPU); a bare module, its
+    # parameters' device.
+    device = getattr(source.engine, "device", None) or next(source.engine.parameters()).device
     for start in range(0, len(mine), batch_size):
-        if preemption.requested(source.engine.device):  # collective: every rank stops at the same batch
+        if preemption.requested(device):  # collective: every rank stops at the same batch
             if rows:
                 _write_part(directory, rows, values)
             _barrier()

@@ -262,8 +262,6 @@ class DPOConfig:
     """Weight of a mixture-of-experts model's router auxiliary loss; None = the model config's own coefficient."""
     ref_model_init_kwargs: Optional[dict] = None
     """from_pretrained keyword arguments of the reference model; None = model_init_kwargs."""
-    dataset_streaming: bool = False
-    """Stream the dataset (an iterable dataset, so a dataset larger than memory trains)."""
     push_to_hub: bool = False
     """Upload the final model (and checkpoints, per hub_strategy) to the Hugging Face Hub."""
     hub_model_id: Optional[str] = None

@@ -84,6 +84,8 @@ NO_EFFECT: dict[str, tuple[Any, str]] = {
 
 # key: (TRL's default, why ignoring another value would change the result)
 REFUSED: dict[str, tuple[Any, str]] = {
+    "dataset_streaming": (False, "streaming datasets are not implemented yet: rows are tokenized up front and drawn by index"),
+    "streaming": (False, "streaming datasets are not implemented yet: rows are tokenized up front and drawn by index"),
     "neftune_noise_alpha": (None, "NEFTune embedding noise is not implemented, and training without it gives other weights"),
     "bf16_full_eval": (False, "evaluation runs in the training precision; a bf16-only eval would give other metrics"),
     "fp16_full_eval": (False, "evaluation runs in the training precision; an fp16-only eval would give other metrics"),
@@ -108,12 +110,11 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "lora_task_type": ("peft_config", "task_type"),
     "use_rslora": ("peft_config", "use_rslora"),
     "use_dora": ("peft_config", "use_dora"),
-    "streaming": ("dataset_streaming", None),
     "test_split_size": ("eval_fraction", None),
 }
 # TRL's defaults of the aliases: a key left at its default is not folded.
 ALIAS_DEFAULTS: dict[str, Any] = {
     "dtype": None, "torch_dtype": None, "model_revision": "main", "lora_modules_to_save": None,
     "lora_target_parameters": None, "lora_task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False,
-    "streaming": False, "test_split_size": None,
+    "test_split_size": None,
 }

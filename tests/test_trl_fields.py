@@ -93,10 +93,10 @@ def test_refused_keys_fail_away_from_trls_default(key, tmp_path):
 def test_aliases_fold_into_their_field():
     config, sources, _ = ConfigParser().parse(
         ["--use_peft", "--use_dora", "--lora_modules_to_save", "[lm_head]", "--torch_dtype", "bfloat16",
-         "--model_revision", "v2", "--streaming", "--test_split_size", "0.1"])
+         "--model_revision", "v2", "--test_split_size", "0.1"])
     assert config.peft_config == {"use_dora": True, "modules_to_save": ["lm_head"]}
     assert config.model_init_kwargs == {"dtype": "bfloat16", "revision": "v2"}
-    assert config.dataset_streaming is True and config.eval_fraction == 0.1
+    assert config.eval_fraction == 0.1
     assert sources["peft_config"] == sources["eval_fraction"] == "command line"
 
 

@@ -216,13 +216,18 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, save_tot
             write_marker(path, marker, digests)
             _atomic_write(root / "latest", tag)
             rotate(root, save_total_limit, best, keep)
-    except (OSError, RuntimeError) as err:
-        if not _no_space(err):
-            raise
-        raise CheckpointError(f"saving checkpoint {path} failed: no space left on device ({err.__class__.__name__}); "
-                              f"it has no {COMPLETE} marker and will be skipped; {last_complete(root)}") from err
+    except Exception as err:
+        raise_if_no_space(err, path)
+        raise
     _barrier()
     return path
+
+
+def raise_if_no_space(err: BaseException, path: Path) -> None:
+    """A write into checkpoint `path` that ran out of disk -> CheckpointError in one line naming it."""
+    if _no_space(err):
+        raise CheckpointError(f"saving checkpoint {path} failed: no space left on device ({err.__class__.__name__}); "
+                              f"it has no {COMPLETE} marker and will be skipped; {last_complete(path.parent)}") from err
 
 
 def write_marker(path: Path, fields: dict, digests: Optional[dict] = None) -> None:

@@ -182,12 +182,18 @@ and checksums its COMPLETE marker lists. Exits 0 when every one checked verifies
 
 def checkpoint(argv: list[str]) -> int:
     """``dpo-ds checkpoint verify DIR``: one line per checkpoint, ok or what is wrong with which file."""
-    if len(argv) != 2 or argv[0] != "verify":
-        print(CHECKPOINT_USAGE)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    parser = argparse.ArgumentParser(prog="dpo-ds checkpoint",
+                                     usage=CHECKPOINT_USAGE.split("\n\n")[0].removeprefix("usage: "),
+                                     description=CHECKPOINT_USAGE.split("\n\n", 1)[1])
+    parser.add_argument("action", choices=["verify"])
+    parser.add_argument("dir")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exc.code or 0)
     from dpo_ds.checkpoint import checkpoint_dirs, verify
 
-    target = Path(argv[1])
+    target = Path(args.dir)
     # An output_dir: its checkpoints, and the final model's export (TRL's layout puts it in output_dir itself).
     found = [target] if target.name.startswith("checkpoint-") else \
         checkpoint_dirs(target) + ([target] if (target / "COMPLETE").exists() else [])
@@ -262,6 +268,7 @@ SUMMARIES = {
     "data-check": "read and tokenize a dataset as training would; report what is kept and dropped",
     "train": "train (the same as launch/train.py)",
     "export": "write a checkpoint as a Hugging Face model directory",
+    "checkpoint": "verify a checkpoint, or every checkpoint of an output_dir, against its COMPLETE marker",
     "precompute-ref": "cache the reference model's log-probs of a run's data",
     "hostfile": "check a hostfile, or write one for the current Slurm job",
     "estimate": "estimate memory per GPU and node for a run",

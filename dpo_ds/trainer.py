@@ -647,8 +647,12 @@ class DPOTrainer:
         # Inside the checkpoint directory before checkpoint.save marks it complete: the reference's state, and
         # the model directory transformers writes into every checkpoint (`pipeline(model=checkpoint-N)` loads it);
         # that model gets no marker of its own: only the checkpoint's counts.
-        self.reference.save(folder)
-        self._write_model(folder, marker=False)
+        try:
+            self.reference.save(folder)
+            self._write_model(folder, marker=False)
+        except Exception as err:
+            checkpoint.raise_if_no_space(err, folder)
+            raise
         saved = checkpoint.save(self.engines.policy, self.args.output_dir, step, client, self.args.save_total_limit,
                                 best=self.state["best_model_checkpoint"], model_only=self.args.save_only_model,
                                 keep=self.resumed_from)

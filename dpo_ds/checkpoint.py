@@ -438,9 +438,11 @@ def to_universal(path: Path, workers: int = 2) -> Path:
 
 
 def _zero_to_universal(path: Path, out: Path, workers: int) -> None:
-    # DeepSpeed's converter, its forked workers too, under safe_loading.
-    run = ("import runpy, sys\nfrom dpo_ds.checkpoint import safe_loading\nsys.argv[0] = 'ds_to_universal'\n"
-           "with safe_loading():\n    runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')")
+    # DeepSpeed's converter, its forked workers too, under safe_loading. Imported, not run as __main__: its
+    # process-pool workers pickle its functions by module name.
+    run = ("import sys\nfrom deepspeed.checkpoint import ds_to_universal as convert\n"
+           "from dpo_ds.checkpoint import safe_loading\nsys.argv[0] = 'ds_to_universal'\n"
+           "with safe_loading():\n    convert.main(convert.parse_arguments())")
     cmd = [sys.executable, "-c", run, "--input_folder", str(path),
            "--output_folder", str(out), "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers), "--inject_missing_state"]

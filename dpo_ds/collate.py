@@ -36,10 +36,11 @@ class PreferenceCollator:
 
     pad_token_id: int
     padding_side: str = "right"
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: int | str | None = None
     processor: Any = None
 
     def __post_init__(self) -> None:
+        self.pad_to_multiple_of = padding_multiple(self.pad_to_multiple_of)
         if self.padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -87,3 +88,8 @@ def _loss_mask(row: dict, part: str) -> list[int]:
         return [0] * len(row["prompt_ids"]) + [1] * len(row[f"{part}_ids"])
     mask = list(row["prompt_loss_mask"]) + list(row[f"{part}_loss_mask"])
     return [0] + mask[1:]
+
+
+def padding_multiple(pad_to_multiple_of: int | str | None) -> int | None:
+    """pad_to_multiple_of as a number or None: TRL's "auto" rounds only on AWS Neuron, which dpo_ds does not run on."""
+    return None if pad_to_multiple_of == "auto" else pad_to_multiple_of

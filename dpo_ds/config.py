@@ -27,6 +27,8 @@ import yaml
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
+from .trl_fields import ALIASES, NO_EFFECT, REFUSED, TRL_ONLY_DEFAULTS, TRLKeys
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the key, the value and what is allowed."""
@@ -56,14 +58,19 @@ POSITIVE_INTS = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "ref_model_sync_steps",
     "lora_r", "lora_alpha", "dataset_num_proc", "max_length", "max_prompt_length",
-    "max_completion_length", "pad_to_multiple_of", "precompute_ref_batch_size", "torch_empty_cache_steps",
+    "max_completion_length", "precompute_ref_batch_size", "torch_empty_cache_steps",
     "max_skipped_steps", "ddp_timeout",
 )
 
 
 @dataclass
-class DPOConfig:
-    """Configuration of one DPO run (model, data, loss, reference, PEFT, training)."""
+class DPOConfig(TRLKeys):
+    """Configuration of one DPO run (model, data, loss, reference, PEFT, training).
+
+    The TRL/transformers keys that are not options here (trl_fields.py) are inherited fields, so a
+    TRL user's `DPOConfig(...)` call works unchanged: aliases fold into their option, a key with no
+    effect is listed in `no_effect_keys` (the trainer warns), a refused key fails.
+    """
 
     # Model
     model_name_or_path: str = "builtin"
@@ -82,8 +89,8 @@ class DPOConfig:
     """End-of-sequence token to use instead of the tokenizer's (e.g. "<|im_end|>")."""
     disable_dropout: bool = True
     """Turn off dropout in policy and reference, so that both see the same deterministic forward."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory (TRL's default; false is faster on small models)."""
 
     # Data
     dataset_name: str = "builtin"
@@ -93,7 +100,7 @@ class DPOConfig:
     dataset_train_split: str = "train"
     """Split to train on."""
     dataset_test_split: Optional[str] = "test"
-    """Split to evaluate on; None = no evaluation (unless eval_fraction > 0)."""
+    """Split to evaluate on when eval_strategy is not no; None = no evaluation (unless eval_fraction > 0)."""
     eval_fraction: float = 0.0
     """When > 0, this fraction of the train split is held out as the eval set, instead of dataset_test_split."""
     dataset_num_proc: Optional[int] = None
@@ -108,8 +115,8 @@ class DPOConfig:
     """Which end of an over-long prompt to keep: keep_start or keep_end."""
     padding_side: str = "right"
     """Side on which batches are padded: right or left."""
-    pad_to_multiple_of: Optional[int] = None
-    """Pad each batch's length up to a multiple of this (helps tensor-core kernels); None = no rounding."""
+    pad_to_multiple_of: Optional[Union[int, str]] = "auto"
+    """Pad each batch's length up to a multiple of this (helps tensor-core kernels); none, or auto (TRL's: 128 on Neuron only) = no rounding."""
     padding_free: Optional[bool] = None
     """Alias of packing (the name TRL used before packing); None = packing's value."""
     prefix_sharing: bool = False
@@ -186,13 +193,13 @@ class DPOConfig:
     """QLoRA: load the frozen base weights in 4-bit NF4 with bitsandbytes (CUDA only)."""
 
     # Training
-    output_dir: str = "outputs/dpo"
+    output_dir: str = "trainer_output"
     """Directory for checkpoints, metrics, logs and the resolved config.yaml."""
     deepspeed: Optional[str] = None
     """DeepSpeed JSON config file; none = built-in: ZeRO-3 without offload, stage 0 for fp32 on one rank."""
-    per_device_train_batch_size: int = 2
+    per_device_train_batch_size: int = 8
     """Preference pairs per rank per micro-step."""
-    per_device_eval_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
     """Preference pairs per rank per eval step."""
     gradient_accumulation_steps: int = 1
     """Micro-steps per optimizer step."""
@@ -214,7 +221,7 @@ class DPOConfig:
     """Fraction of the training steps spent warming up linearly from 0 (used when warmup_steps is 0)."""
     warmup_steps: int = 0
     """Warmup steps; overrides warmup_ratio when > 0."""
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0
     """Passes over the train set (used when max_steps is -1)."""
     max_steps: int = -1
     """Optimizer steps to run; -1 = as many as num_train_epochs gives."""
@@ -222,7 +229,7 @@ class DPOConfig:
     """Optimizer steps between metric logs."""
     eval_steps: Optional[int] = None
     """Optimizer steps between evaluations; None = logging_steps."""
-    eval_strategy: str = "steps"
+    eval_strategy: str = "no"
     """When to evaluate: no, steps (every eval_steps) or epoch."""
     evaluation_strategy: Optional[str] = None
     """Old transformers spelling of eval_strategy; when set, it is copied into eval_strategy."""
@@ -319,9 +326,10 @@ class DPOConfig:
     """Under Slurm, requeue a crashed job (exit status neither 0 nor 75) at most this many times."""
 
     def __post_init__(self) -> None:
+        self._apply_trl_keys()
         hints = _type_hints()
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        for name in field_docs():
+            setattr(self, name, _check_type(name, getattr(self, name), hints[name]))
         self._fold_evaluation_strategy()
         for name in ("model_init_kwargs", "ref_model_init_kwargs"):
             if getattr(self, name):
@@ -355,8 +363,33 @@ class DPOConfig:
         return docs[name]
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain Python values (lists and dicts copied)."""
-        return dataclasses.asdict(self)
+        """All fields as plain Python values (lists and dicts copied); TRL-only keys only when not at TRL's default."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in TRL_ONLY_DEFAULTS or v != TRL_ONLY_DEFAULTS[k]}
+
+    def _apply_trl_keys(self) -> None:
+        """Fold each TRL alias set away from TRL's default into its option, refuse a REFUSED key set away
+        from it, and list the NO_EFFECT ones in `no_effect_keys`."""
+        self.no_effect_keys: list[str] = []
+        for name, default in TRL_ONLY_DEFAULTS.items():
+            value = getattr(self, name)
+            if name == "local_rank":  # the launcher's; the rank comes from the environment
+                self.local_rank = default
+            if value == default or name == "local_rank":
+                continue
+            if name in REFUSED:
+                raise ConfigError(f"{name}={value!r} is not supported: {REFUSED[name][1]}", name)
+            if name in NO_EFFECT:
+                self.no_effect_keys.append(name)
+                continue
+            target, key = ALIASES[name]
+            if key is None:
+                setattr(self, target, value)
+            else:
+                mapping = dict(getattr(self, target) or {})
+                mapping[key] = value
+                setattr(self, target, mapping)
+            setattr(self, name, default)
 
     def save(self, path: str) -> None:
         """Write the resolved config as YAML that `--config path` reads back to an equal config."""
@@ -366,9 +399,10 @@ class DPOConfig:
 
     @classmethod
     def load(cls, path: str) -> "DPOConfig":
-        """Read a YAML config written by `save` (or by hand)."""
-        with open(path) as fh:
-            return cls(**(yaml.safe_load(fh) or {}))
+        """Read a YAML config written by `save` (or by hand), as `--config path` does."""
+        from .parser import ConfigParser  # the parser is built on this module
+
+        return ConfigParser().parse(["--config", path])[0]
 
     def _fold_evaluation_strategy(self) -> None:
         """transformers' old name evaluation_strategy sets eval_strategy, unless both are set differently."""
@@ -392,6 +426,9 @@ class DPOConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 _fail(name, value, "an integer >= 1" + (" or none" if _is_optional(name) else ""))
+        pad = self.pad_to_multiple_of
+        if pad is not None and pad != "auto" and (isinstance(pad, str) or pad < 1):
+            _fail("pad_to_multiple_of", pad, "an integer >= 1, auto or none")
         if self.max_steps == 0 or self.max_steps < -1:
             _fail("max_steps", self.max_steps, "-1 (use num_train_epochs) or an integer >= 1")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
@@ -570,86 +607,53 @@ def _type_name(tp: Any) -> str:
     return {dict: "json", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-# ----------------------------------------------------------------------------- value coercion
-
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+# ----------------------------------------------------------------------------- value types
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert a value from YAML, the command line or Python to the field's type, or raise ConfigError."""
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """`value` when it has field `key`'s type, else a ConfigError naming key, value and type.
+
+    The conversions TRL's own config does are kept: an int where a float goes, a JSON string where
+    a mapping goes (TrainingArguments), one string where a list goes (TRL's loss_type, report_to).
+    Strings from YAML files and the command line are converted by the parser, not here.
+    """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if len(options) < len(args) and (value is None or (isinstance(value, str)
-                                                            and value.strip().lower() in ("none", "null"))):
+        if value is None and type(None) in args:
             return None
-        if str in options and isinstance(value, str) and "," not in value:
-            return value
-        for option in options:
-            if typing.get_origin(option) is list:
-                return _coerce(key, value, option)
-        return _coerce(key, value, options[0])
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                pass
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    elif origin is list and isinstance(value, (str, list, tuple)):
+        return [_check_type(key, item, args[0]) for item in ([value] if isinstance(value, str) else value)]
+    elif tp is dict and isinstance(value, str):
+        try:
+            loaded = json.loads(value)
+        except json.JSONDecodeError as err:
+            _fail(key, value, f"a JSON object ({err.msg} at column {err.colno})")
+        return _check_type(key, loaded, tp)
+    elif tp is dict and isinstance(value, dict):
+        return dict(value)
     if value is None:
         _fail(key, value, f"a value of type {_type_name(tp)} (none is not allowed)")
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            _fail(key, value, f"a {_type_name(tp)}")
-        items = []
-        for item in value:
-            parts = [p.strip() for p in item.split(",") if p.strip()] if isinstance(item, str) else [item]
-            items += [_coerce(key, p, args[0]) for p in parts]
-        return items
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        _fail(key, value, "true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        _fail(key, value, "an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        _fail(key, value, "a number")
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, str):
-            return value
-        _fail(key, value, "a string")
-    if tp is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as err:
-                _fail(key, value, f"a JSON object ({err.msg} at column {err.colno})")
-        if isinstance(value, dict):
-            return dict(value)
-        _fail(key, value, "a mapping (a JSON object on the command line)")
-    raise TypeError(f"DPOConfig field {key!r} has an unsupported type {tp!r}")
+    _fail(key, value, f"a value of type {_type_name(tp)}")
 
 
 # ----------------------------------------------------------------------------- keys
 
 def unknown_key(key: str, where: str) -> ConfigError:
     """The error for a key that is neither a DPOConfig field nor a TRL key, suggesting the closest valid one."""
-    from .trl_fields import ALIASES, NO_EFFECT, REFUSED
-
-    valid = [f.name for f in dataclasses.fields(DPOConfig)] + list(ALIASES) + list(NO_EFFECT) + list(REFUSED)
+    valid = [f.name for f in dataclasses.fields(DPOConfig)]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else "; run with --help to list the valid keys"
     return ConfigError(f"unknown config key {key!r} ({where}){hint}", key)

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .collate import padding_multiple
 from .vision import IMAGE_INPUTS
 
 LAYOUTS = ("padded", "padding_free", "prefix_sharing")
@@ -65,7 +66,7 @@ def model_inputs(batch: dict, layout: str = "padded", max_length: Optional[int] 
 def inputs_for(batch: dict, args, device) -> dict[str, Optional[Tensor]]:
     """`model_inputs` in the layout a DPOConfig asks for, on `device`, for the attention kernel the model runs."""
     attn = attention_implementation(args, torch.device(device).type == "cuda")
-    inputs = model_inputs(batch, layout_name(args), args.max_length, attn, args.pad_to_multiple_of)
+    inputs = model_inputs(batch, layout_name(args), args.max_length, attn, padding_multiple(args.pad_to_multiple_of))
     inputs = {k: None if v is None else v.to(device) for k, v in inputs.items()}
     mask = inputs["attention_mask"]
     if attn == FLEX_ATTENTION and mask is not None and mask.dim() == 4:

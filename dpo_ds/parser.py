@@ -23,7 +23,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from .config import ConfigError, DPOConfig, field_docs, unknown_key
-from .trl_fields import ALIAS_DEFAULTS, ALIASES, NO_EFFECT, REFUSED
+from .trl_fields import ALIASES, NO_EFFECT, REFUSED, TRL_ONLY_DEFAULTS, no_effect_note
 
 DEFAULT, COMMAND_LINE = "default", "command line"
 
@@ -56,64 +56,38 @@ class ConfigParser(HfArgumentParser):
                          "Values come from DPOConfig's defaults, then --config's YAML file, then the flags.",
                          allow_abbrev=False, **kwargs)
         self.add_argument("--config", help="YAML file of config keys (the command line overrides it).")
-        self.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # set by launchers
-        trl_only = self.add_argument_group("TRL/transformers keys that are not DPOConfig fields (docs/trl_fields.md)")
+        trl_only = self.add_argument_group("TRL/transformers keys that are not DPOConfig options (docs/trl_fields.md)")
         reasons = {**{k: f"Sets {t}" + (f"[{key!r}]" if key else "") + "." for k, (t, key) in ALIASES.items()},
                    **{k: f"No effect: {why}." for k, (_, why) in NO_EFFECT.items()},
                    **{k: f"Only TRL's default ({d!r}): {why}." for k, (d, why) in REFUSED.items()}}
-        for name, default in {**ALIAS_DEFAULTS, **{k: v[0] for k, v in {**NO_EFFECT, **REFUSED}.items()}}.items():
-            if name == "local_rank":
-                continue
-            doc = reasons[name].replace("%", "%%")
-            if isinstance(default, bool):
-                trl_only.add_argument(f"--{name}", type=string_to_bool, nargs="?", const=True, default=default, help=doc)
-                if default:
-                    trl_only.add_argument(f"--no_{name}", action="store_false", dest=name, help=argparse.SUPPRESS)
-            else:
-                trl_only.add_argument(f"--{name}", type=_or_none(_yaml_value), default=default, help=doc)
-        self.trl_defaults = {**ALIAS_DEFAULTS, **{k: v[0] for k, v in {**NO_EFFECT, **REFUSED}.items()}}
         self.notes: list[str] = []
         hints, docs = typing.get_type_hints(DPOConfig), field_docs()
         fields = {f.name: f for f in dataclasses.fields(DPOConfig)}
-        for action in self._actions:
+        for action in list(self._actions):
             f = fields.get(action.dest)
             if f is None or isinstance(action, argparse._StoreFalseAction):
                 continue
             action.default = _default(f)
+            if f.name in TRL_ONLY_DEFAULTS:  # listed in their own group, after the options
+                self._action_groups[1]._group_actions.remove(action)
+                trl_only._group_actions.append(action)
+                action.help = argparse.SUPPRESS if f.name == "local_rank" else reasons[f.name].replace("%", "%%")
+                if hints[f.name] is Any:
+                    action.type = _or_none(_yaml_value)
+                continue
             action.help = docs[f.name].replace("%", "%%") + (
                 "" if action.default in (None, [], {}) else f" (default: {action.default})")
             args = typing.get_args(hints[f.name])
             if dict in (hints[f.name], *args):
                 action.type = _json_object
+            elif int in args and str in args:
+                action.type = _int_or_str
             if type(None) in args and action.type is not None:
                 action.type = _or_none(action.type)
 
     def error(self, message: str) -> typing.NoReturn:
         """argparse's errors (a bad value, a missing value) become ConfigErrors: the caller decides the exit."""
         raise ConfigError(message)
-
-    def _fold_trl_keys(self, values: dict[str, Any], sources: dict[str, str]) -> list[str]:
-        """Take the TRL-only keys out of `values`: fold the aliases into their field, refuse a REFUSED key
-        set away from TRL's default; return one warning line per NO_EFFECT key set away from it."""
-        notes = []
-        for name, default in self.trl_defaults.items():
-            if name not in values:
-                continue
-            value, where = values.pop(name), sources.pop(name)
-            if where == DEFAULT or value == default:
-                continue
-            if name in REFUSED:
-                raise ConfigError(f"{name}={value!r} ({where}) is not supported: {REFUSED[name][1]}", name)
-            if name in NO_EFFECT:
-                notes.append(f"{name}={value!r} ({where}) has no effect in dpo_ds: {NO_EFFECT[name][1]}")
-                continue
-            target, key = ALIASES[name]
-            if key is None:
-                values[target] = value
-            else:
-                values[target] = {**(values[target] or {}), key: value}
-            sources[target] = where
-        return notes
 
     def _parse_or_raise(self, argv: list[str], where: str) -> tuple[argparse.Namespace, list[str]]:
         try:
@@ -154,25 +128,37 @@ class ConfigParser(HfArgumentParser):
                 raise unknown_key(word.lstrip("-").partition("=")[0].replace("-", "_"), "on the command line")
             raise ConfigError(f"unexpected argument {word!r}: values follow a --key flag")
         values = dict(vars(namespace))
-        for name in ("config", "local_rank", "help"):
+        for name in ("config", "help"):
             values.pop(name, None)
         values = {k: None if v == [None] else v for k, v in values.items()}  # `--list_field none`
         sources = {name: COMMAND_LINE if name in given else (path if name in file_values else DEFAULT)
                    for name in values}
-        self.notes = self._fold_trl_keys(values, sources)
         try:
-            return DPOConfig(**values), sources, rest
+            config = DPOConfig(**values)
         except ConfigError as err:
             where = [f"{k} set on the command line" if sources.get(k) == COMMAND_LINE else f"{k} set in {path}"
                      for k in err.keys if sources.get(k, DEFAULT) != DEFAULT]
             if not where:
                 raise
             raise ConfigError(f"{err} ({'; '.join(where)})", *err.keys) from None
+        self.notes = [no_effect_note(k, getattr(config, k), sources[k]) for k in config.no_effect_keys]
+        sources["local_rank"] = DEFAULT  # the launcher's, reset by DPOConfig
+        for alias, (target, _) in ALIASES.items():
+            if sources[alias] != DEFAULT:
+                sources[target] = sources[alias]
+        return config, sources, rest
+
+
+def _int_or_str(text: str) -> Any:
+    """argparse type of an int-or-word field (pad_to_multiple_of: 64 or auto)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
 def _yaml_value(text: str) -> Any:
-    """argparse type of a TRL-only key: the value as YAML reads it (true, 0.1, [a, b], ...)."""
-    return yaml.safe_load(text)
+    """argparse type of a TRL-only key: the value as YAML reads it (true, 0.1, [a, b], ...), except
+    that words YAML 1.1 would turn into booleans or null ("no", "off", "") stay strings."""
+    value = yaml.safe_load(text) if text.strip() else text
+    return text if isinstance(value, bool) and text.strip().lower() not in ("true", "false") else value
 
 
 def parse_args(argv: Optional[list[str]] = None, prog: str = "train.py") -> DPOConfig:

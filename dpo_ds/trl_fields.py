@@ -13,6 +13,9 @@ too. docs/trl_fields.md shows the whole table; tests/test_trl_fields.py keeps bo
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 from typing import Any
 
 # key: (TRL's default, why it has no effect here)
@@ -118,3 +121,26 @@ ALIAS_DEFAULTS: dict[str, Any] = {
     "lora_target_parameters": None, "lora_task_type": "CAUSAL_LM", "use_rslora": False, "use_dora": False,
     "test_split_size": None,
 }
+
+# Every TRL-only key with TRL's default.
+TRL_ONLY_DEFAULTS: dict[str, Any] = {**ALIAS_DEFAULTS, **{k: d for k, (d, _) in {**NO_EFFECT, **REFUSED}.items()}}
+
+
+def _trl_only_field(default: Any) -> dataclasses.Field:
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default))
+    return dataclasses.field(default=default)
+
+
+# The base class of DPOConfig, so that `DPOConfig(remove_unused_columns=False)` works from Python as
+# with TRL; DPOConfig.__post_init__ folds, refuses or notes these keys.
+TRLKeys = dataclasses.make_dataclass(
+    "TRLKeys", [(name, bool if isinstance(default, bool) else Any, _trl_only_field(default))
+                for name, default in TRL_ONLY_DEFAULTS.items()],
+    namespace={"__module__": __name__,
+               "__doc__": "TRL/transformers keys that are not DPOConfig options (see this module's docstring)."})
+
+
+def no_effect_note(name: str, value: Any, where: str = "") -> str:
+    """The warning line of a NO_EFFECT key set away from TRL's default."""
+    return f"{name}={value!r}{f' ({where})' if where else ''} has no effect in dpo_ds: {NO_EFFECT[name][1]}"

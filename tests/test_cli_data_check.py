@@ -49,7 +49,7 @@ def test_bad_rows_exit_non_zero_with_the_message_and_no_traceback(tmp_path):
 def test_text_report_shows_examples_with_the_boundary(tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     assert main(["data-check", "--dataset", path, "--model", "builtin", "--show", "1", "--truncation_mode",
-                 "keep_end", "--max_length", "8"]) == 0
+                 "keep_end", "--max_length", "8", "--eval_strategy", "steps"]) == 0
     out = capsys.readouterr().out
     assert "train: 1 rows read, 1 kept, 0 dropped" in out
     assert "truncated rows: prompt 1, chosen 0, rejected 0" in out
@@ -61,7 +61,7 @@ def test_text_report_shows_examples_with_the_boundary(tmp_path, capsys):
 
 
 def test_builtin_dataset_and_model_keep_every_row():
-    result = data_check("--dataset", "builtin", "--model", "builtin", "--json")
+    result = data_check("--dataset", "builtin", "--model", "builtin", "--json", "--eval_strategy", "steps")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["rows"] > 0 and report["kept"] == report["rows"] and report["dropped"] == {}

@@ -19,6 +19,7 @@ from dpo_ds.ds_config import (
     reference_setup,
 )
 from dpo_ds.parser import ConfigParser, parse_args, parse_known
+from dpo_ds.trl_fields import TRL_ONLY_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def write_json(tmp_path, data, name="ds.json"):
 
 def test_every_field_has_a_one_line_doc():
     docs = field_docs()
-    names = [f.name for f in dataclasses.fields(DPOConfig)]
+    names = [f.name for f in dataclasses.fields(DPOConfig) if f.name not in TRL_ONLY_DEFAULTS]
     assert list(docs) == names
     for name, doc in docs.items():
         assert doc.strip() and "\n" not in doc, name
@@ -69,6 +70,8 @@ def test_defaults_match_trl_names_and_brief():
     assert (c.model_name_or_path, c.dataset_name, c.loss_type, c.beta) == ("builtin", "builtin", "sigmoid", 0.1)
     assert (c.ref_zero_stage, c.ref_offload, c.max_length, c.learning_rate) == (None, "auto", 1024, 1e-6)
     assert c.report_to == [] and c.model_init_kwargs == {}
+    assert c.eval_strategy == "no" and c.eval_steps is None
+    c = DPOConfig(eval_strategy="steps")
     assert c.eval_steps == c.logging_steps == 10  # None resolves to logging_steps, as in transformers
 
 
@@ -157,10 +160,12 @@ def test_bool_flag_followed_by_other_flag_or_word():
     assert parse_args(["--disable_dropout", "false"]).disable_dropout is False
 
 
-def test_list_flags_space_separated_and_comma_separated_in_yaml(tmp_path):
+def test_list_flags_space_separated_and_yaml_lists(tmp_path):
     assert parse_args(["--lora_target_modules", "q_proj", "v_proj"]).lora_target_modules == ["q_proj", "v_proj"]
-    path = write_yaml(tmp_path, {"lora_target_modules": "q_proj, k_proj"})
+    path = write_yaml(tmp_path, {"lora_target_modules": ["q_proj", "k_proj"]})
     assert parse_args(["--config", path]).lora_target_modules == ["q_proj", "k_proj"]
+    path = write_yaml(tmp_path, {"lora_target_modules": "all-linear"}, "one.yaml")  # one word: a one-item list
+    assert parse_args(["--config", path]).lora_target_modules == ["all-linear"]
     assert parse_args(["--lora_target_modules", "none"]).lora_target_modules is None
     assert parse_args(["--report_to", "tensorboard", "wandb"]).report_to == ["tensorboard", "wandb"]
     assert parse_args(["--report_to", "none"]).report_to == []
@@ -173,8 +178,8 @@ def test_loss_type_keeps_user_value_and_loss_types_is_a_list():
     c = parse_args(["--loss_type", "ipo"])
     assert c.loss_type == ["ipo"] and c.loss_types == ["ipo"]  # a list, as TRL's loss_type
     assert DPOConfig(loss_type="ipo").loss_type == "ipo"
-    c = DPOConfig(loss_type="sigmoid,sft")
-    assert c.loss_type == ["sigmoid", "sft"] and c.loss_types == ["sigmoid", "sft"]
+    with pytest.raises(ConfigError, match="unknown loss type 'sigmoid,sft'"):  # a list is a list, as in TRL
+        DPOConfig(loss_type="sigmoid,sft")
     assert DPOConfig(loss_type=["hinge"]).loss_types == ["hinge"]
 
 
@@ -188,7 +193,8 @@ def test_dict_flag_is_json():
 
 
 def test_none_for_optional_fields(tmp_path):
-    c = parse_args(["--max_length", "none", "--dataset_test_split", "None", "--eval_steps", "null"])
+    c = parse_args(["--max_length", "none", "--dataset_test_split", "None", "--eval_steps", "null",
+                    "--eval_strategy", "steps"])
     assert c.max_length is None and c.dataset_test_split is None and c.eval_steps == c.logging_steps
     path = write_yaml(tmp_path, {"max_length": None, "rpo_alpha": None})
     c = parse_args(["--config", path])
@@ -256,7 +262,7 @@ def test_bad_yaml_value_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"--per_device_train_batch_size.*invalid int value: 'four' \(set in {path}\)"):
         parse_args(["--config", path])
     path = write_yaml(tmp_path, {"bf16": [True]}, "b.yaml")
-    with pytest.raises(ConfigError, match="'bf16'.*true or false"):
+    with pytest.raises(ConfigError, match="'bf16' = \\[True\\]: expected a value of type bool"):
         parse_args(["--config", path])
 
 
@@ -379,14 +385,14 @@ def test_warmup_steps():
 
 def test_save_load_roundtrip(tmp_path):
     c = parse_args(["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5", "--bf16", "--max_length", "none",
-                    "--lora_target_modules", "q_proj,v_proj", "--dtype", "bfloat16", "--report_to", "tensorboard",
+                    "--lora_target_modules", "q_proj", "v_proj", "--dtype", "bfloat16", "--report_to", "tensorboard",
                     "--learning_rate", "3e-7", "--ref_offload", "none", "--ref_zero_stage", "0"])
     path = tmp_path / "out" / "config.yaml"
     c.save(str(path))
     assert parse_args(["--config", str(path)]) == c
     assert DPOConfig.load(str(path)) == c
     assert yaml.safe_load(path.read_text()) == c.to_dict()
-    assert list(c.to_dict()) == [f.name for f in dataclasses.fields(DPOConfig)]
+    assert list(c.to_dict()) == [f.name for f in dataclasses.fields(DPOConfig) if f.name not in TRL_ONLY_DEFAULTS]
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
@@ -486,7 +492,7 @@ def test_missing_batch_keys_and_clipping_are_added(tmp_path):
 def test_explicit_consistent_values_pass(tmp_path):
     path = write_json(tmp_path, {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4, "bf16": {
         "enabled": False}, "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.999], "lr": 1e-6}}})
-    ds = load_deepspeed_config(DPOConfig(deepspeed=path), world_size=2)
+    ds = load_deepspeed_config(DPOConfig(deepspeed=path, per_device_train_batch_size=2), world_size=2)
     assert ds["train_batch_size"] == 4 and ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
 
 
@@ -494,7 +500,7 @@ def test_contradiction_names_both_sides(tmp_path):
     path = write_json(tmp_path, {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 1.0,
                                  "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}})
     with pytest.raises(ConfigError) as exc:
-        load_deepspeed_config(DPOConfig(deepspeed=path), world_size=1)
+        load_deepspeed_config(DPOConfig(deepspeed=path, per_device_train_batch_size=2), world_size=1)
     msg = str(exc.value)
     assert path in msg
     assert "train_micro_batch_size_per_gpu=8 in the DeepSpeed config vs per_device_train_batch_size=2" in msg
@@ -505,9 +511,10 @@ def test_contradiction_names_both_sides(tmp_path):
 
 def test_train_batch_size_contradiction_depends_on_world_size(tmp_path):
     path = write_json(tmp_path, {"train_batch_size": 4})
-    assert load_deepspeed_config(DPOConfig(deepspeed=path), world_size=2)["train_batch_size"] == 4
+    config = DPOConfig(deepspeed=path, per_device_train_batch_size=2)
+    assert load_deepspeed_config(config, world_size=2)["train_batch_size"] == 4
     with pytest.raises(ConfigError, match=r"train_batch_size=4 .* \(2\*1\*4\)=8"):
-        load_deepspeed_config(DPOConfig(deepspeed=path), world_size=4)
+        load_deepspeed_config(config, world_size=4)
 
 
 def test_unfillable_auto_is_an_error(tmp_path):
@@ -534,7 +541,7 @@ def test_deepspeed_file_errors_name_the_file(tmp_path):
 def test_repo_ds_configs_fill_completely():
     for path in sorted((REPO / "ds_configs").glob("*.json")):
         ds = load_deepspeed_config(DPOConfig(deepspeed=str(path), fp16=True), world_size=2, hidden_size=32)
-        assert ds["fp16"]["enabled"] is True and ds["train_batch_size"] == 4, path.name
+        assert ds["fp16"]["enabled"] is True and ds["train_batch_size"] == 16, path.name  # 8 per rank
         assert "auto" not in json.dumps(ds), path.name
 
 

@@ -59,6 +59,7 @@ def write_jsonl(path, rows):
 
 def config(source, **overrides):
     overrides.setdefault("dataset_test_split", None)
+    overrides.setdefault("eval_strategy", "steps")  # an eval split is loaded only when something evaluates
     return DPOConfig(dataset_name=str(source), **overrides)
 
 
@@ -501,7 +502,7 @@ def test_missing_file_and_unreachable_hub_name_are_data_errors(tmp_path, tok, mo
 
 def test_builtin_dataset_keeps_every_row(tok):
     pytest.importorskip("dpo_ds.builtin")
-    data = load_preference_data(DPOConfig(dataset_name="builtin"), tok)
+    data = load_preference_data(DPOConfig(dataset_name="builtin", eval_strategy="steps"), tok)
     assert data.train_report.rows_read > 0 and data.eval_report.rows_read > 0
     assert data.train_report.dropped == {} and data.eval_report.dropped == {}
 

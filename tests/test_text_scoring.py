@@ -23,8 +23,7 @@ from test_packing import random_rows, tiny
 
 @pytest.mark.parametrize("kw,packed", [({}, False), ({"packing": True}, True), ({"padding_free": True}, True),
                                        ({"packing": True, "padding_free": True}, True),
-                                       ({"packing": False, "padding_free": False}, False),
-                                       ({"packing": "true"}, True)])
+                                       ({"packing": False, "padding_free": False}, False)])
 def test_packing_and_its_alias_padding_free_resolve_to_one_value(kw, packed):
     cfg = DPOConfig(**kw)
     assert cfg.packing is packed and cfg.padding_free is packed

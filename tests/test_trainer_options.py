@@ -48,10 +48,35 @@ def test_best_metric_defaults_follow_transformers():
 @pytest.mark.parametrize("kw,message", [
     (dict(load_best_model_at_end=True, eval_strategy="no"), "need evaluations"),
     (dict(load_best_model_at_end=True, eval_strategy="epoch", save_strategy="steps"), "save_strategy == eval_strategy"),
-    (dict(load_best_model_at_end=True, eval_steps=3, save_steps=4), r"save_steps \(4\) to be a multiple of eval_steps"),
-    (dict(load_best_model_at_end=True, eval_steps=2, save_steps=4, save_only_model=True), "save_only_model"),
+    (dict(load_best_model_at_end=True, eval_strategy="steps", eval_steps=3, save_steps=4),
+     r"save_steps \(4\) to be a multiple of eval_steps"),
+    (dict(load_best_model_at_end=True, eval_strategy="steps", eval_steps=2, save_steps=4, save_only_model=True),
+     "save_only_model"),
     (dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="no"), "need evaluations"),
 ])
 def test_strategy_combinations_are_refused_before_loading(kw, message):
     with pytest.raises(ValueError, match=message):
         DPOTrainer("does-not-exist", args=DPOConfig(**kw))  # refused before the model name is even looked at
+
+
+@pytest.mark.slow
+def test_data_seed_alone_fixes_the_order_and_workers_keep_it(tmp_path, tiny_model_dir):
+    """The first step's rows (seen through its logps/chosen) follow data_seed, not seed, and stay the same
+    when dataloader_num_workers collate them in worker processes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_trainer import ENV, write_learnable_data
+
+    root = Path(__file__).resolve().parent.parent
+    data = write_learnable_data(tmp_path / "prefs.jsonl", 32, seed=3)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "data_order_probe.py"), tiny_model_dir,
+                           str(data), str(tmp_path)], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    got = json.loads((tmp_path / "data_order.json").read_text())
+    assert got["seed2_data7"] == pytest.approx(got["seed1_data7"], abs=1e-6)  # seed changes, data_seed fixes rows
+    assert got["seed1_data8"] != pytest.approx(got["seed1_data7"], abs=1e-3)  # data_seed changes the rows
+    assert got["seed1_data7_workers2"] == pytest.approx(got["seed1_data7"], abs=1e-6)

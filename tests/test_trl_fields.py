@@ -9,13 +9,13 @@ import yaml
 from transformers import TrainingArguments
 from trl.scripts.utils import DatasetMixtureConfig
 
-from dpo_ds.config import ConfigError, DPOConfig
+from dpo_ds.config import ConfigError, DPOConfig, field_docs
 from dpo_ds.parser import ConfigParser
-from dpo_ds.trl_fields import ALIAS_DEFAULTS, ALIASES, NO_EFFECT, REFUSED
+from dpo_ds.trl_fields import ALIAS_DEFAULTS, ALIASES, NO_EFFECT, REFUSED, TRL_ONLY_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
 TRL_CLASSES = (trl.DPOConfig, TrainingArguments, trl.ModelConfig, trl.ScriptArguments, DatasetMixtureConfig)
-OURS = {f.name for f in dataclasses.fields(DPOConfig)}
+OURS = set(field_docs())  # DPOConfig's own options; the TRL-only keys are inherited fields
 
 
 def trl_defaults() -> dict:
@@ -40,6 +40,7 @@ def test_classes_are_disjoint_and_aliases_point_at_fields():
             assert not a & b, a & b
     assert set(ALIAS_DEFAULTS) == set(ALIASES)
     assert {target for target, _ in ALIASES.values()} <= OURS
+    assert {f.name for f in dataclasses.fields(DPOConfig)} == OURS | set(TRL_ONLY_DEFAULTS)
 
 
 def test_no_effect_and_refused_defaults_are_trls():
@@ -69,7 +70,7 @@ def test_no_effect_keys_are_accepted_with_one_warning_each(tmp_path):
     path.write_text(yaml.safe_dump(keys))
     parser = ConfigParser()
     config, _, _ = parser.parse(["--config", str(path)])
-    assert config == DPOConfig()
+    assert config == DPOConfig(**keys) and config.no_effect_keys == list(keys)
     assert len(parser.notes) == len(keys)
     for note, key in zip(parser.notes, keys):
         assert note.startswith(f"{key}=") and NO_EFFECT[key][1] in note
@@ -77,6 +78,21 @@ def test_no_effect_keys_are_accepted_with_one_warning_each(tmp_path):
     assert sum(n.startswith("remove_unused_columns=False (command line)") for n in parser.notes) == 1
     parser.parse(["--do_eval", "false"])  # TRL's default: nothing to say
     assert parser.notes == []
+
+
+def test_trl_keys_work_from_python_as_in_trl():
+    """TRL users build DPOConfig in Python with transformers' keys: accepted, folded, noted or refused."""
+    config = DPOConfig(remove_unused_columns=False, do_eval=True, torch_dtype="bfloat16", model_revision="v2",
+                       test_split_size=0.1, local_rank=3)
+    assert config.no_effect_keys == ["remove_unused_columns", "do_eval"]
+    assert config.model_init_kwargs == {"dtype": "bfloat16", "revision": "v2"} and config.eval_fraction == 0.1
+    assert config.torch_dtype is None  # folded, so saving and reloading does not fold it twice
+    assert DPOConfig(remove_unused_columns=True).no_effect_keys == []
+    with pytest.raises(ConfigError, match="neftune_noise_alpha=5 is not supported"):
+        DPOConfig(neftune_noise_alpha=5)
+    saved = config.to_dict()
+    assert saved["remove_unused_columns"] is False and "label_names" not in saved  # TRL defaults left out
+    assert DPOConfig(**saved) == config
 
 
 @pytest.mark.parametrize("key", sorted(REFUSED))
@@ -101,13 +117,20 @@ def test_aliases_fold_into_their_field():
 
 
 def test_documented_default_differences_are_the_real_ones():
-    """docs/trl_fields.md lists exactly the DPOConfig fields whose default differs from TRL's declared one."""
-    trl = {f.name: f for f in dataclasses.fields(__import__("trl").DPOConfig)}
+    """docs/trl_fields.md lists exactly the DPOConfig options whose default differs from the one TRL declares
+    (in DPOConfig, else ModelConfig or ScriptArguments), and the README names the deliberate ones."""
+    trl = {}
+    for cls in (__import__("trl").DPOConfig, __import__("trl").ModelConfig, __import__("trl").ScriptArguments):
+        trl.update({f.name: f for f in dataclasses.fields(cls) if f.name not in trl})
     ours = {f.name: f for f in dataclasses.fields(DPOConfig)}
 
     def default(f):
         return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
-    differing = {name for name in ours.keys() & trl.keys() if default(ours[name]) != default(trl[name])}
+    differing = {name for name in (ours.keys() & trl.keys()) - set(TRL_ONLY_DEFAULTS)
+                 if default(ours[name]) != default(trl[name])}
     text = (REPO / "docs/trl_fields.md").read_text().split("## Defaults that differ from TRL 1.16")[1]
     assert set(re.findall(r"^\| `(\w+)` \|", text, flags=re.M)) == differing
+    deliberate = re.findall(r"^\| `(\w+)` \|[^\n]*\| deliberate: ", text, flags=re.M)
+    readme = (REPO / "README.md").read_text()
+    assert deliberate and all(f"`{name}`" in readme.split("### Configuration")[1] for name in deliberate)

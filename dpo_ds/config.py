@@ -53,6 +53,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "on_nonfinite": ("stop", "skip"),
 }
 
+# The keys of one `datasets` entry (TRL's DatasetConfig).
+MIXTURE_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "fraction")
+
 # Fields that must be >= 1 when set (None allowed where the type is Optional).
 POSITIVE_INTS = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -97,6 +100,8 @@ class DPOConfig(TRLKeys):
     """Hub name, a directory saved with save_to_disk, a .json/.jsonl/.parquet/.csv file, or "builtin"."""
     dataset_config: Optional[str] = None
     """Configuration (subset) name of a hub dataset."""
+    datasets: list[dict] = field(default_factory=list)
+    """TRL's dataset mixture, used instead of dataset_name: entries of path, name, data_dir, data_files, split, columns, fraction."""
     dataset_train_split: str = "train"
     """Split to train on."""
     dataset_test_split: Optional[str] = "test"
@@ -461,6 +466,7 @@ class DPOConfig(TRLKeys):
             if not ((value >= low if low_in else value > low) and (value <= high if high_in else value < high)):
                 interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
                 _fail(name, value, f"a number in {interval}")
+        self._check_mixture()
         if len(self.report_to) > 1 and {"none", "all"} & set(self.report_to):
             _fail("report_to", self.report_to, "either none or all alone, or a list of tensorboard, wandb, trackio")
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
@@ -471,6 +477,21 @@ class DPOConfig(TRLKeys):
         resume = self.resume_from_checkpoint
         if resume not in (None, "auto") and not os.path.isdir(resume):
             _fail("resume_from_checkpoint", resume, '"auto" or an existing checkpoint directory')
+
+    def _check_mixture(self) -> None:
+        """Each `datasets` entry is a mapping of TRL's DatasetConfig keys with a path; fraction on all or none."""
+        for i, entry in enumerate(self.datasets):
+            unknown = set(entry) - set(MIXTURE_KEYS)
+            if "path" not in entry or unknown:
+                problem = f"unknown key {sorted(unknown)[0]!r}" if unknown else "no 'path'"
+                raise ConfigError(f"datasets[{i}] = {entry!r}: {problem}; an entry has the keys "
+                                  f"{', '.join(MIXTURE_KEYS)} (path required)", "datasets")
+            fraction = entry.get("fraction")
+            if fraction is not None and (not isinstance(fraction, (int, float)) or fraction <= 0):
+                _fail(f"datasets[{i}].fraction", fraction, "a number > 0")
+        given = [entry.get("fraction") is not None for entry in self.datasets]
+        if any(given) and not all(given):
+            raise ConfigError("datasets: fraction must be set for every entry of the mixture or for none", "datasets")
 
     def _resolve_packing(self) -> None:
         """packing and its alias padding_free end up equal; set both only to the same value."""

@@ -79,6 +79,7 @@ from datasets import (
     Image,
     List,
     Value,
+    concatenate_datasets,
     load_dataset,
     load_from_disk,
 )
@@ -232,10 +233,11 @@ def load_raw_splits(args: Any) -> tuple[Dataset, Dataset | None, list[str]]:
     without split names (one data file, a saved ``Dataset``) is the train
     split and has no eval split, which the notes say.
     """
-    data = _load_source(args.dataset_name, args.dataset_config)
+    data = _load_mixture(args.datasets) if args.datasets else _load_source(args.dataset_name, args.dataset_config)
     test_split = args.dataset_test_split if args.eval_strategy != "no" and not args.eval_fraction else None
     if isinstance(data, Dataset):
-        notes = [f"{args.dataset_name} is a single split, with no {test_split!r} split to evaluate on "
+        source = "the datasets mixture" if args.datasets else args.dataset_name
+        notes = [f"{source} is a single split, with no {test_split!r} split to evaluate on "
                  "(set eval_fraction to hold out part of it)"] if test_split else []
         return data, None, notes
     train = _pick_split(data, args.dataset_train_split, args.dataset_name)
@@ -285,6 +287,29 @@ def _load_source(name: str, config: str | None) -> Dataset | DatasetDict:
         for data_file in sorted(p for p in path.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES):
             _check_utf8(str(data_file))
     return _guarded_load(name, lambda: load_dataset(name, config))
+
+
+def _load_mixture(entries: list[dict]) -> Dataset:
+    """TRL's dataset mixture as one train split: each entry loaded with `load_dataset`, cut to its
+    `columns`; with fractions (shares, normalized), the first round(share * N) rows of each entry, N
+    the largest mixture size that oversamples no entry (TRL's rule); then concatenated in order."""
+    parts = []
+    for i, entry in enumerate(entries):
+        where = f"datasets[{i}] ({entry['path']})"
+        part = _guarded_load(where, lambda e=entry: load_dataset(
+            e["path"], e.get("name"), data_dir=e.get("data_dir"), data_files=e.get("data_files"),
+            split=e.get("split", "train")))
+        if entry.get("columns") is not None:
+            missing = [c for c in entry["columns"] if c not in part.column_names]
+            if missing:
+                raise DataError(f"{where}: no column {missing[0]!r} to select; it has {part.column_names}")
+            part = part.select_columns(entry["columns"])
+        parts.append(part)
+    if entries[0].get("fraction") is not None:
+        shares = [e["fraction"] / sum(e["fraction"] for e in entries) for e in entries]
+        size = min(len(part) / share for part, share in zip(parts, shares))
+        parts = [part.select(range(round(share * size))) for part, share in zip(parts, shares)]
+    return _guarded_load("the datasets mixture", lambda: concatenate_datasets(parts))
 
 
 def _guarded_load(name: str, load: Any) -> Dataset | DatasetDict:

@@ -100,7 +100,6 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "bnb_4bit_quant_type": ("nf4", "4-bit quantization is always NF4"),
     "use_bnb_nested_quant": (False, "nested (double) 4-bit quantization is not implemented"),
     "bnb_4bit_quant_storage": (None, "the 4-bit storage type is bitsandbytes' default"),
-    "datasets": ([], "dataset mixtures are not implemented: give one dataset_name (a local file, a directory or a hub id)"),
 }
 
 # key: (DPOConfig field, key inside it or None to copy the value): honoured by folding into a field.

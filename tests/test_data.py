@@ -11,7 +11,7 @@ import datasets
 import pytest
 from datasets import Dataset, DatasetDict
 
-from dpo_ds.config import DPOConfig
+from dpo_ds.config import ConfigError, DPOConfig
 from dpo_ds.data import DataError, DataReport, load_preference_data, prepare_dataset
 from dpo_ds.models import load_tokenizer
 
@@ -570,3 +570,38 @@ def test_prepare_dataset_on_an_in_memory_dataset(tok):
     assert report.rows_kept == 2
     assert dataset.column_names == ["row_index", "prompt_ids", "chosen_ids", "rejected_ids", "prompt_loss_mask",
                                     "chosen_loss_mask", "rejected_loss_mask"]
+
+
+# --------------------------------------------------------------------------- TRL's dataset mixtures
+
+
+def test_datasets_mixture_follows_trls_fractions_and_columns(tmp_path, tok):
+    """`datasets:` as TRL's DatasetMixtureConfig: shares normalized, no entry oversampled, columns selected."""
+    from dpo_ds.data import load_raw_splits
+
+    first = write_jsonl(tmp_path / "a.jsonl", [{**ROWS[i % len(ROWS)], "source": "a"} for i in range(10)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{**ROWS[i % len(ROWS)], "source": "b"} for i in range(4)])
+    entries = [{"path": "json", "data_files": first, "fraction": 3}, {"path": "json", "data_files": second,
+                                                                       "fraction": 1}]
+    train, eval_split, _ = load_raw_splits(config("unused", datasets=entries, eval_strategy="no"))
+    # Shares 3/4 and 1/4; the largest size oversampling neither is min(10 / 0.75, 4 / 0.25) = 13.33, so
+    # round(10.0) = 10 rows of a, then round(3.33) = 3 rows of b, in order.
+    assert train["source"] == ["a"] * 10 + ["b"] * 3 and eval_split is None
+    entries = [{"path": "json", "data_files": first, "columns": ["prompt", "chosen", "rejected"]},
+               {"path": "json", "data_files": second, "split": "train", "columns": ["prompt", "chosen", "rejected"]}]
+    data = load_preference_data(config("unused", datasets=entries, eval_fraction=0.25), tok)
+    assert (len(data.train), len(data.eval)) == (10, 4)  # all 14 rows, a quarter (rounded up) held out
+
+
+def test_datasets_mixture_errors_name_the_entry(tmp_path, tok):
+    from dpo_ds.data import DataError, load_raw_splits
+
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS[:3])
+    with pytest.raises(ConfigError, match=r"datasets\[1\] = .*no 'path'"):
+        config("unused", datasets=[{"path": "json", "data_files": path}, {"data_files": path}])
+    with pytest.raises(ConfigError, match=r"datasets\[0\] = .*unknown key 'fractoin'"):
+        config("unused", datasets=[{"path": "json", "fractoin": 0.5}])
+    with pytest.raises(ConfigError, match="fraction must be set for every entry"):
+        config("unused", datasets=[{"path": "json", "fraction": 0.5}, {"path": "json"}])
+    with pytest.raises(DataError, match=r"datasets\[0\] \(json\): no column 'answer'"):
+        load_raw_splits(config("unused", datasets=[{"path": "json", "data_files": path, "columns": ["answer"]}]))

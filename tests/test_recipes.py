@@ -21,7 +21,8 @@ def localized(recipe: Path, tmp_path: Path, model: str) -> Path:
     data = write_learnable_data(tmp_path / "prefs.jsonl", 40, seed=0)
     text = recipe.read_text().replace("model_name_or_path: MODEL", f"model_name_or_path: {model}")
     path = tmp_path / recipe.name
-    path.write_text(text.replace("dataset_name: DATA", f"dataset_name: {data}"))
+    path.write_text(text.replace("dataset_name: DATA", f"dataset_name: {data}").replace("data_files: DATA",
+                                                                                          f"data_files: {data}"))
     return path
 
 

@@ -38,7 +38,7 @@ LSE_BYTES = 4
 HEAD_STATE_BYTES = 7 * 4
 """Per token: the fused log-prob op's fp32 running state (dpo_ds.ops.fused.STATS rows)."""
 HEAD_CHUNK_BYTES = 64 * 2**20
-"""The fused op's budget for one chunk of fp32 logits (dpo_ds.ops.reference.CHUNK_BYTES)."""
+"""The fused op's budget for one chunk of fp32 logits (dpo_ds.ops.chunked.CHUNK_BYTES)."""
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 USAGE = """usage: dpo-ds estimate --model MODEL --deepspeed CONFIG [--nodes N] [--gpus-per-node G]

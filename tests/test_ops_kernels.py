@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dpo_ds import ops
-from dpo_ds.ops import cpp, dispatch, fused, reference, triton_ops
+from dpo_ds.ops import chunked, cpp, dispatch, fused, triton_ops
 
 # Triton's interpreter must be on before triton is first imported (the conftest's imports may already have
 # imported it), so the Triton cases run in a child pytest started with TRITON_INTERPRET=1; see
@@ -48,7 +48,7 @@ def fresh_seed():
 
 
 def backend_module(name):
-    return {"torch": reference, "cpp": cpp, "triton": triton_ops}[name]
+    return {"torch": chunked, "cpp": cpp, "triton": triton_ops}[name]
 
 
 def kernels_of(name) -> fused.Kernels:

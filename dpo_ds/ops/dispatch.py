@@ -3,7 +3,8 @@
 By default: CPU tensors use the compiled C++ extension (`cpp`), CUDA tensors
 the Triton kernels, else the CUDA extension; anything the fused backends do not
 take (float64, other devices) and any backend that cannot be built here falls
-back to the torch reference, with one warning per unavailable backend.
+back to the chunked torch ops (`chunked`), with one warning per unavailable
+backend.
 `DPO_DS_LOGPROB_BACKEND=torch|cpp|cuda|triton` forces one backend and fails
 with the reason when it cannot run.
 """
@@ -18,12 +19,12 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import reference
+from . import chunked
 from .fused import DTYPES, BackendUnavailable
 from .types import LogProbs
 
 BACKEND_ENV = "DPO_DS_LOGPROB_BACKEND"
-BACKENDS = {"torch": "reference", "cpp": "cpp", "cuda": "cuda", "triton": "triton_ops"}
+BACKENDS = {"torch": "chunked", "cpp": "cpp", "cuda": "cuda", "triton": "triton_ops"}
 """Backend name -> module in dpo_ds.ops."""
 PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 """Fused backends to try, fastest first, per device type."""
@@ -77,12 +78,12 @@ def backend_for(*tensors: Optional[Tensor]) -> str:
     return "torch"
 
 
-@functools.wraps(reference.logits_logprobs)
+@functools.wraps(chunked.logits_logprobs)
 def logits_logprobs(logits: Tensor, labels: Tensor, **kwargs) -> LogProbs:
     return _module(backend_for(logits)).logits_logprobs(logits, labels, **kwargs)
 
 
-@functools.wraps(reference.linear_logprobs)
+@functools.wraps(chunked.linear_logprobs)
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                     **kwargs) -> LogProbs:
     return _module(backend_for(hidden, weight, bias)).linear_logprobs(hidden, weight, labels, bias, **kwargs)

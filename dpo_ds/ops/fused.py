@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import chunked
 from .types import LogProbs
 
 STATS = 7
@@ -112,7 +112,7 @@ def finalize(state: Tensor, vocab: int, flags: int, valid: Optional[Tensor] = No
 
 def _config(kernels: Kernels, vocab: int, ignore_index: int, temperature: float, softcap: Optional[float],
             chunk_size: Optional[int], flags: tuple[bool, bool, bool, bool]) -> Config:
-    opt = reference._options(vocab, torch.float32, temperature, softcap, chunk_size, flags)
+    opt = chunked._options(vocab, torch.float32, temperature, softcap, chunk_size, flags)
     bits = sum(bit for bit, want in zip((ENTROPY, TOP1, MEAN, LSSP), flags) if want)
     return Config(ignore_index, 1.0 / opt.temperature, opt.softcap or 0.0, bits, chunk_size or kernels.tile_rows,
                   kernels.tile_cols)
@@ -250,18 +250,18 @@ def logits_logprobs(kernels: Kernels, logits: Tensor, labels: Tensor, *, tempera
                     softcap: float | None = None, ignore_index: int = -100, with_entropy: bool = False,
                     with_top1: bool = False, with_mean_logits: bool = False, with_log_sum_sq_probs: bool = False,
                     chunk_size: int | None = None) -> LogProbs:
-    """`reference.logits_logprobs` on `kernels`: one streaming pass per row, no chunking needed.
+    """`chunked.logits_logprobs` on `kernels`: one streaming pass per row, no chunking needed.
 
     `chunk_size` is validated and otherwise unused: the kernels never hold more
     than one row block of a row.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
-    reference._check_labels_shape(labels, logits.shape[0], "rows of logits")
+    chunked._check_labels_shape(labels, logits.shape[0], "rows of logits")
     kernels.check(logits)
     cfg = _config(kernels, logits.shape[1], ignore_index, temperature, softcap, chunk_size,
                   (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))
-    reference._select_rows(labels, logits.shape[1], ignore_index)
+    chunked._select_rows(labels, logits.shape[1], ignore_index)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     return LogProbs(*_LogitsFn.apply(logits, labels.long().contiguous(), kernels, cfg))
@@ -271,7 +271,7 @@ def linear_logprobs(kernels: Kernels, hidden: Tensor, weight: Tensor, labels: Te
                     *, temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
                     with_entropy: bool = False, with_top1: bool = False, with_mean_logits: bool = False,
                     with_log_sum_sq_probs: bool = False, chunk_size: int | None = None) -> LogProbs:
-    """`reference.linear_logprobs` on `kernels`: the LM head fused with the log-prob pass.
+    """`chunked.linear_logprobs` on `kernels`: the LM head fused with the log-prob pass.
 
     Only rows with a real label are projected; `chunk_size` caps the token rows
     of one tile (the backend's default otherwise). Weight and bias gradients are
@@ -284,11 +284,11 @@ def linear_logprobs(kernels: Kernels, hidden: Tensor, weight: Tensor, labels: Te
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    reference._check_labels_shape(labels, hidden.shape[0], "rows of hidden")
+    chunked._check_labels_shape(labels, hidden.shape[0], "rows of hidden")
     kernels.check(hidden, weight, bias)
     cfg = _config(kernels, weight.shape[0], ignore_index, temperature, softcap, chunk_size,
                   (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))
-    rows, kept = reference._select_rows(labels, weight.shape[0], ignore_index)
+    rows, kept = chunked._select_rows(labels, weight.shape[0], ignore_index)
     return LogProbs(*_LinearFn.apply(hidden, weight, bias, rows, kept.contiguous(), kernels, cfg))
 
 
@@ -302,7 +302,7 @@ def checked(kernels: Kernels, device: str) -> Kernels | BackendUnavailable:
 
 
 def self_check(kernels: Kernels, device: str) -> None:
-    """Run `kernels` once on small inputs against the torch reference; BackendUnavailable if they disagree.
+    """Run `kernels` once on small inputs against the chunked torch ops; BackendUnavailable if they disagree.
 
     GPU kernels are compiled for the GPU at hand on first use: one that fails to
     build or computes wrong numbers there must fall back, not train on garbage.
@@ -316,8 +316,8 @@ def self_check(kernels: Kernels, device: str) -> None:
     kw = dict(temperature=0.9, softcap=5.0, with_entropy=True, with_top1=True, with_mean_logits=True,
               with_log_sum_sq_probs=True)
     cases = (
-        (functools.partial(logits_logprobs, kernels), reference.logits_logprobs, (logits, labels), (logits,)),
-        (functools.partial(linear_logprobs, kernels), reference.linear_logprobs, (hidden, weight, labels),
+        (functools.partial(logits_logprobs, kernels), chunked.logits_logprobs, (logits, labels), (logits,)),
+        (functools.partial(linear_logprobs, kernels), chunked.linear_logprobs, (hidden, weight, labels),
          (hidden, weight)),
     )
     try:

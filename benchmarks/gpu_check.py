@@ -177,15 +177,16 @@ def matmul_tflops(n: int = 8192) -> float:
 
 def step_build(ctx: dict) -> dict:
     """Build (JIT) each fused backend the device uses, timed; the C++ one stands in for CUDA on a CPU."""
-    from dpo_ds.ops import cpp, cuda, triton_ops
+    from dpo_ds.ops.backends import Backend
 
-    backends = {"cuda": cuda, "triton": triton_ops} if gpu_present(ctx["dry_run"]) else {"cpp": cpp}
+    names = ("cuda", "triton") if gpu_present(ctx["dry_run"]) else ("cpp",)
+    backends = {name: Backend(name) for name in names}
     out: dict[str, Any] = {} if backends.keys() != {"cpp"} else {"cuda": NO_GPU, "triton": NO_GPU}
     failed = []
-    for name, module in backends.items():
+    for name, backend in backends.items():
         start = time.perf_counter()
         try:
-            module.kernels()
+            backend.kernels()
             out[name] = {"seconds": time.perf_counter() - start}
         except Exception as err:  # recorded: the other backend still builds
             out[name] = {"error": f"{type(err).__name__}: {err}"}

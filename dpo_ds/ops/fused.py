@@ -68,7 +68,7 @@ class Kernels:
 
 
 def unwrap(loaded: "Kernels | BackendUnavailable") -> "Kernels":
-    """What a backend's cached `_load()` returned: its kernels, or its remembered failure raised again."""
+    """What `backends._load` returned: its kernels, or its remembered failure raised again."""
     if isinstance(loaded, BackendUnavailable):
         raise BackendUnavailable(str(loaded))
     return loaded
@@ -293,7 +293,7 @@ def linear_logprobs(kernels: Kernels, hidden: Tensor, weight: Tensor, labels: Te
 
 
 def checked(kernels: Kernels, device: str) -> Kernels | BackendUnavailable:
-    """`kernels` if they pass `self_check` on `device`, else the reason, for a backend's `_load()` to remember."""
+    """`kernels` if they pass `self_check` on `device`, else the reason, for `backends._load` to remember."""
     try:
         self_check(kernels, device)
     except BackendUnavailable as err:

@@ -118,6 +118,13 @@ def _config(kernels: Kernels, vocab: int, ignore_index: int, temperature: float,
                   kernels.tile_cols)
 
 
+def _saved(ctx, kernels: Kernels, cfg: Config, tensors: tuple, outs: list) -> tuple:
+    """Keep what backward needs on `ctx`; return `outs`, only logps differentiable."""
+    ctx.save_for_backward(*tensors)
+    ctx.kernels, ctx.cfg = kernels, cfg
+    return chunked._finish(ctx, outs)
+
+
 class _LogitsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, kernels: Kernels, cfg: Config):
@@ -125,10 +132,7 @@ class _LogitsFn(torch.autograd.Function):
         state = new_state(logits.shape[0], logits.device)
         kernels.fold(logits, labels, cfg.ignore_index, 0, cfg.inv_t, cfg.cap, cfg.flags, state)
         outs, lse = finalize(state, logits.shape[1], cfg.flags, labels != cfg.ignore_index)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.kernels, ctx.cfg = kernels, cfg
-        ctx.mark_non_differentiable(*[o for o in outs[1:] if o is not None])
-        return tuple(outs)
+        return _saved(ctx, kernels, cfg, (logits, labels, lse), outs)
 
     @staticmethod
     @once_differentiable
@@ -225,10 +229,7 @@ class _LinearFn(torch.autograd.Function):
         state = fwd(h, weight, bias, labels, cfg)
         outs, lse = finalize(state, weight.shape[0], cfg.flags)
         full = [_scatter(o, rows, hidden.shape[0]) for o in outs]
-        ctx.save_for_backward(hidden, weight, bias, rows, labels, lse)
-        ctx.kernels, ctx.cfg = kernels, cfg
-        ctx.mark_non_differentiable(*[o for o in full[1:] if o is not None])
-        return tuple(full)
+        return _saved(ctx, kernels, cfg, (hidden, weight, bias, rows, labels, lse), full)
 
     @staticmethod
     @once_differentiable
@@ -277,14 +278,7 @@ def linear_logprobs(kernels: Kernels, hidden: Tensor, weight: Tensor, labels: Te
     of one tile (the backend's default otherwise). Weight and bias gradients are
     accumulated in fp32, then cast to the parameters' dtypes.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [N, H] and weight [V, H] with the same H, got hidden {tuple(hidden.shape)} "
-            f"and weight {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    chunked._check_labels_shape(labels, hidden.shape[0], "rows of hidden")
+    chunked._check_linear_shapes(hidden, weight, labels, bias)
     kernels.check(hidden, weight, bias)
     cfg = _config(kernels, weight.shape[0], ignore_index, temperature, softcap, chunk_size,
                   (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))

@@ -22,9 +22,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .config import ConfigError, DPOConfig
-from .ds_config import load_deepspeed_config, reference_setup
-from .parser import parse_known
+from ..config import ConfigError, DPOConfig
+from ..ds_config import load_deepspeed_config, reference_setup
+from ..parser import parse_known
 
 GIB = 2**30
 BUFFER_FACTOR = 1.5
@@ -107,7 +107,7 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShap
     """The shape of a hub id, local directory, .gguf file or "builtin", from its config only."""
     from transformers import AutoConfig
 
-    from .models import _from_pretrained_source, resolve_model_path
+    from ..models import _from_pretrained_source, resolve_model_path
 
     try:
         source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
@@ -290,7 +290,7 @@ def parse_size(text: str) -> int:
 
 
 def _uses_reference_engine(args: DPOConfig) -> bool:
-    from .losses import needs_reference
+    from ..losses import needs_reference
 
     return needs_reference(args) and not args.precompute_ref_log_probs
 

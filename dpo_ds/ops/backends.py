@@ -52,7 +52,10 @@ class Backend:
 
     def kernels(self) -> fused.Kernels:
         """The backend's kernels; raises BackendUnavailable saying why they cannot be built or run here."""
-        return fused.unwrap(_load(self.name))
+        loaded = _load(self.name)
+        if isinstance(loaded, fused.BackendUnavailable):
+            raise fused.BackendUnavailable(str(loaded))  # the remembered failure, as a fresh exception
+        return loaded
 
     def logits_logprobs(self, logits, labels, **kwargs) -> LogProbs:
         """`dpo_ds.ops.logits_logprobs` on this backend."""

@@ -67,13 +67,6 @@ class Kernels:
                 )
 
 
-def unwrap(loaded: "Kernels | BackendUnavailable") -> "Kernels":
-    """What `backends._load` returned: its kernels, or its remembered failure raised again."""
-    if isinstance(loaded, BackendUnavailable):
-        raise BackendUnavailable(str(loaded))
-    return loaded
-
-
 @dataclass(frozen=True)
 class Config:
     ignore_index: int

@@ -20,7 +20,7 @@ interrupted run still leaves what it measured; each step's log is `log-STEP.txt`
    SmolLM2-135M-shaped model, batch 8, length 1024, bf16, ZeRO-3, sdpa, packing, with the
    reference ZeRO-3 offloaded to CPU, on the GPU, and precomputed; TRL 1.16's DPOTrainer on the
    same job (benchmarks/step_vs_trl.py); a ~1.5B Llama-shaped model at length 2048 with the
-   largest batch `dpo_ds.estimate` fits (the MFU figure).
+   largest batch `dpo_ds.tools.estimate` fits (the MFU figure).
 `--quick`: steps 1-3. `--dry-run`: the same script on a CPU at tiny shapes, the C++ backend
 standing in for CUDA, TRL on CPU; every GPU figure reads "not measured (no GPU)".
 """
@@ -177,15 +177,16 @@ def matmul_tflops(n: int = 8192) -> float:
 
 def step_build(ctx: dict) -> dict:
     """Build (JIT) each fused backend the device uses, timed; the C++ one stands in for CUDA on a CPU."""
-    from dpo_ds.ops import cpp, cuda, triton_ops
+    from dpo_ds.ops.backends import Backend
 
-    backends = {"cuda": cuda, "triton": triton_ops} if gpu_present(ctx["dry_run"]) else {"cpp": cpp}
+    names = ("cuda", "triton") if gpu_present(ctx["dry_run"]) else ("cpp",)
+    backends = {name: Backend(name) for name in names}
     out: dict[str, Any] = {} if backends.keys() != {"cpp"} else {"cuda": NO_GPU, "triton": NO_GPU}
     failed = []
-    for name, module in backends.items():
+    for name, backend in backends.items():
         start = time.perf_counter()
         try:
-            module.kernels()
+            backend.kernels()
             out[name] = {"seconds": time.perf_counter() - start}
         except Exception as err:  # recorded: the other backend still builds
             out[name] = {"error": f"{type(err).__name__}: {err}"}
@@ -333,7 +334,7 @@ def torch_device_memory() -> int:
 def largest_batch(model_dir: str, length: int, memory_bytes: int) -> int:
     """The largest micro-batch `dpo-ds estimate` fits in 90% of the GPU (precomputed reference, no checkpointing)."""
     from dpo_ds.config import DPOConfig
-    from dpo_ds.estimate import estimate, model_shape
+    from dpo_ds.tools.estimate import estimate, model_shape
 
     args = DPOConfig(model_name_or_path=model_dir, max_length=length, bf16=True, precompute_ref_log_probs=True,
                      deepspeed=str(REPO / "ds_configs" / "zero3.json"), padding_free=True)

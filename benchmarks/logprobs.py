@@ -108,9 +108,10 @@ def implementation(name: str, variant: str):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return lambda x: -liger_fused_linear_cross_entropy(x["hidden"], x["weight"], x["labels"], reduction="none")
-    from dpo_ds.ops import cpp, cuda, reference, triton_ops
+    from dpo_ds.ops import chunked
+    from dpo_ds.ops.backends import Backend
 
-    module = {"torch_ref": reference, "cpp": cpp, "cuda": cuda, "triton": triton_ops}[name]
+    module = chunked if name == "torch_ref" else Backend(name)
     if name not in ("torch_ref",):
         module.kernels()  # build or load now, not inside the timed region
     if variant == "logits":

@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dpo_ds.config import ConfigError
+from dpo_ds.config import ConfigError, DPOConfig
 from dpo_ds.parser import parse_known
 from dpo_ds.data import DataError, DataReport, PreferenceData, load_preference_data
-from dpo_ds.estimate import estimate_main
-from dpo_ds.sweep import sweep_main
 
 BOUNDARY = "[[COMPLETION]]"
 DATA_CHECK_USAGE = f"""usage: dpo-ds data-check --dataset SOURCE --model MODEL [--config run.yaml] [--json] [--show N]
@@ -35,12 +33,9 @@ reason, the detected format, token-length percentiles and truncation counts. Exi
 def data_check(argv: list[str]) -> int:
     """``dpo-ds data-check``: load, check and tokenize the dataset; print the report."""
     rest, as_json, show = _data_check_flags(argv)
-    config, remaining = parse_known(rest)
-    if "-h" in remaining or "--help" in remaining:
-        print(DATA_CHECK_USAGE)
+    config = _run_config(rest, "data-check", DATA_CHECK_USAGE)
+    if config is None:
         return 0
-    if remaining:
-        raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds data-check --help")
     from dpo_ds.vision import is_processor, load_processing_class
 
     try:
@@ -68,6 +63,17 @@ def data_check(argv: list[str]) -> int:
             print(f"{example['prompt']}{BOUNDARY}{example['chosen']}")
             print(f"--- same prompt, rejected ---\n{example['prompt']}{BOUNDARY}{example['rejected']}")
     return _verdict(data)
+
+
+def _run_config(argv: list[str], command: str, usage: str) -> DPOConfig | None:
+    """The training config a subcommand's flags give; None once `usage` is printed for -h/--help."""
+    config, remaining = parse_known(argv)
+    if "-h" in remaining or "--help" in remaining:
+        print(usage)
+        return None
+    if remaining:
+        raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds {command} --help")
+    return config
 
 
 def _data_check_flags(argv: list[str]) -> tuple[list[str], bool, int]:
@@ -210,9 +216,23 @@ def checkpoint(argv: list[str]) -> int:
 
 def hostfile(argv: list[str]) -> int:
     """``dpo-ds hostfile check H`` / ``dpo-ds hostfile from-slurm [--slots N] [--output F]``."""
-    from dpo_ds.hostfile import cli as hostfile_cli
+    from dpo_ds.tools.hostfile import cli as hostfile_cli
 
     return hostfile_cli(argv)
+
+
+def estimate(argv: list[str]) -> int:
+    """``dpo-ds estimate``: memory per GPU and node for a run (see dpo_ds.tools.estimate)."""
+    from dpo_ds.tools.estimate import estimate_main
+
+    return estimate_main(argv)
+
+
+def sweep(argv: list[str]) -> int:
+    """``dpo-ds sweep``: the same short job under several DeepSpeed configs (see dpo_ds.tools.sweep)."""
+    from dpo_ds.tools.sweep import sweep_main
+
+    return sweep_main(argv)
 
 
 PRECOMPUTE_REF_USAGE = """usage: dpo-ds precompute-ref [--config run.yaml] [--any_training_flag VALUE ...]
@@ -226,12 +246,9 @@ resumes where it stopped. Several ranks: `deepspeed --module dpo_ds.cli precompu
 
 def precompute_ref(argv: list[str]) -> int:
     """``dpo-ds precompute-ref``: cache the reference log-probs of a run's data."""
-    config, remaining = parse_known(argv)
-    if "-h" in remaining or "--help" in remaining:
-        print(PRECOMPUTE_REF_USAGE)
+    config = _run_config(argv, "precompute-ref", PRECOMPUTE_REF_USAGE)
+    if config is None:
         return 0
-    if remaining:
-        raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds precompute-ref --help")
     from dpo_ds import distributed, preemption
     from dpo_ds.losses import needs_reference
     from dpo_ds.reference import run_precompute
@@ -259,8 +276,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "checkpoint": checkpoint,
     "precompute-ref": precompute_ref,
     "hostfile": hostfile,
-    "estimate": estimate_main,
-    "sweep": sweep_main,
+    "estimate": estimate,
+    "sweep": sweep,
 }
 
 

@@ -30,10 +30,11 @@ import torch
 from torch import Tensor
 
 from . import preemption
+from .builtin.model import cache_dir
 from .distributed import barrier as _barrier, on_cpu, rank as _rank, world_size as _world
 from .engines import build_reference_engine, load_for_engine, mix_weights, release_gathered, weights_digest
 from .losses import PairLogps, needs_reference
-from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER, cache_dir, is_peft_model
+from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER, is_peft_model
 from .ops import sequence_logps
 
 logger = logging.getLogger(__name__)

@@ -84,36 +84,24 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
 
 def fact_pool() -> list[Fact]:
     """Every fact question with one-word answers (format tasks use these too)."""
-    facts = [
-        Fact(f"What is the capital of {c}?", cap, f"The capital of {c} is {cap}.", f"The capital of {c} is {wrong}.")
-        for c, cap, wrong in CAPITALS
-    ]
-    facts += [
-        Fact(f"What color is {thing}?", col.capitalize(), f"{thing[0].upper() + thing[1:]} is {col}.",
-             f"{thing[0].upper() + thing[1:]} is {wrong}.")
-        for thing, col, wrong in COLORS
-    ]
-    facts += [
-        Fact(f"What is the opposite of '{w}'?", o.capitalize(), f"The opposite of '{w}' is '{o}'.",
-             f"The opposite of '{w}' is '{wrong}'.")
-        for w, o, wrong in OPPOSITES
-    ]
-    facts += [
-        Fact(f"What is the plural of '{w}'?", p.capitalize(), f"The plural of '{w}' is '{p}'.",
-             f"The plural of '{w}' is '{wrong}'.")
-        for w, p, wrong in PLURALS
-    ]
-    facts += [
-        Fact(f"How many legs does {a} have?", NUMBER_WORDS[n].capitalize(),
-             f"{a[0].upper() + a[1:]} has {NUMBER_WORDS[n]} legs.", f"{a[0].upper() + a[1:]} has {NUMBER_WORDS[w]} legs.")
-        for a, n, w in LEGS
-    ]
+    legs = [(a, NUMBER_WORDS[n], NUMBER_WORDS[w]) for a, n, w in LEGS]
+    facts = _facts(CAPITALS, "What is the capital of {x}?", "The capital of {x} is {a}.", word=str)
+    facts += _facts(COLORS, "What color is {x}?", "{X} is {a}.")
+    facts += _facts(OPPOSITES, "What is the opposite of '{x}'?", "The opposite of '{x}' is '{a}'.")
+    facts += _facts(PLURALS, "What is the plural of '{x}'?", "The plural of '{x}' is '{a}'.")
+    facts += _facts(legs, "How many legs does {x} have?", "{X} has {a} legs.")
     for names, unit in ((DAYS, "day"), (MONTHS, "month")):
-        for i, name in enumerate(names):
-            nxt, wrong = names[(i + 1) % len(names)], names[(i + 3) % len(names)]
-            facts.append(Fact(f"Which {unit} comes after {name}?", nxt, f"The {unit} after {name} is {nxt}.",
-                              f"The {unit} after {name} is {wrong}."))
+        after = [(name, names[(i + 1) % len(names)], names[(i + 3) % len(names)]) for i, name in enumerate(names)]
+        facts += _facts(after, f"Which {unit} comes after {{x}}?", f"The {unit} after {{x}} is {{a}}.", word=str)
     return facts
+
+
+def _facts(rows, question: str, sentence: str, word=str.capitalize) -> list[Fact]:
+    """One Fact per (subject x, answer, wrong answer) row; {X} is x with a capital first letter."""
+    def say(x: str, a: str) -> str:
+        return sentence.format(x=x, X=x[0].upper() + x[1:], a=a)
+
+    return [Fact(question.format(x=x), word(a), say(x, a), say(x, wrong)) for x, a, wrong in rows]
 
 
 def arithmetic(rng: random.Random) -> Fact:

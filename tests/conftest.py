@@ -10,7 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 
-from dpo_ds.models import builtin_model_dir as _builtin_model_dir  # noqa: E402
+from dpo_ds.builtin.model import builtin_model_dir as _builtin_model_dir  # noqa: E402
 from dpo_ds.models import load_tokenizer  # noqa: E402
 
 

@@ -5,6 +5,8 @@ import contextlib
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from dpo_ds.cli import main as cli_main
 from dpo_ds.config import ConfigError, DPOConfig
-from dpo_ds.estimate import (
+from dpo_ds.tools.estimate import (
     GIB, ZeroSetup, activation_bytes, estimate, estimate_main, logprob_head_bytes, model_shape, parse_size,
     policy_model_states, reference_model_states, shape_from_config,
 )
@@ -239,3 +241,9 @@ def test_cli_json_for_a_config_only_model_dir(tmp_path, capsys):
     assert "policy model states" in text and "log-prob head, naive fp32 logits" in text
     assert cli_main(["estimate", "--model", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_imports_the_tools_only_when_their_subcommand_runs():
+    code = "import sys, dpo_ds.cli; print(sorted(m for m in sys.modules if m.startswith('dpo_ds.tools')))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert run.stdout.strip() == "[]"

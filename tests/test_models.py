@@ -15,9 +15,9 @@ import torch
 from gguf import GGUFReader
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from dpo_ds import models
+from dpo_ds.builtin import model as builtin
+from dpo_ds.builtin.model import builtin_gguf_path
 from dpo_ds.models import (
-    builtin_gguf_path,
     disable_dropout,
     load_model,
     load_tokenizer,
@@ -69,13 +69,13 @@ def test_builtin_dir_is_a_plain_hf_model(builtin_model_dir):
     assert "quantization_config" not in config
     assert config["tie_word_embeddings"] is True
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
-    assert Path(builtin_model_dir).parent == models.cache_dir()
+    assert Path(builtin_model_dir).parent == builtin.cache_dir()
 
 
 def test_builtin_dir_is_idempotent(builtin_model_dir):
     weights = Path(builtin_model_dir, "model.safetensors")
     before = weights.stat().st_mtime_ns
-    assert models.builtin_model_dir() == builtin_model_dir
+    assert builtin.builtin_model_dir() == builtin_model_dir
     assert weights.stat().st_mtime_ns == before
 
 
@@ -118,11 +118,11 @@ def _cheap_build(log: str, out: Path) -> None:
         f.write(f"{os.getpid()}\n")
     time.sleep(0.5)
     (out / "payload").write_text("x")
-    (out / models._MARKER).write_text("{}")
+    (out / builtin._MARKER).write_text("{}")
 
 
 def _race(target: str, log: str) -> None:
-    models._build_once(Path(target), lambda out: _cheap_build(log, out))
+    builtin._build_once(Path(target), lambda out: _cheap_build(log, out))
 
 
 def test_build_once_under_concurrency_builds_once(tmp_path):
@@ -143,8 +143,8 @@ def test_build_once_replaces_a_stale_incomplete_dir(tmp_path):
     target = tmp_path / "model"
     target.mkdir()
     (target / "half_written").write_text("")
-    models._build_once(target, lambda out: _cheap_build(str(tmp_path / "log"), out))
-    assert sorted(p.name for p in target.iterdir()) == sorted(["payload", models._MARKER])
+    builtin._build_once(target, lambda out: _cheap_build(str(tmp_path / "log"), out))
+    assert sorted(p.name for p in target.iterdir()) == sorted(["payload", builtin._MARKER])
 
 
 def test_build_failure_leaves_nothing_behind(tmp_path):
@@ -153,14 +153,14 @@ def test_build_failure_leaves_nothing_behind(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        models._build_once(tmp_path / "model", failing)
+        builtin._build_once(tmp_path / "model", failing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.lock"]
 
 
 @pytest.mark.slow
 def test_two_processes_convert_builtin_concurrently(tmp_path, builtin_model_dir):
     env = dict(os.environ, DPO_DS_CACHE=str(tmp_path))
-    code = "from dpo_ds.models import builtin_model_dir; print(builtin_model_dir())"
+    code = "from dpo_ds.builtin.model import builtin_model_dir; print(builtin_model_dir())"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for _ in range(2)

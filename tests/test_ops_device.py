@@ -10,13 +10,14 @@ import dataclasses
 import pytest
 import torch
 
-from dpo_ds.ops import cpp, cuda, fused, triton_ops
+from dpo_ds.ops import fused
+from dpo_ds.ops.backends import Backend
 from test_ops_kernels import ALL, FIELDS, FP32, IGNORE, expected, grad_tol, make_labels, processed
 
 gpu = pytest.mark.gpu
 TARGETS = [pytest.param("cpu", "cpp", id="cpu-cpp"), pytest.param("cuda", "cuda", marks=gpu, id="cuda-cuda"),
            pytest.param("cuda", "triton", marks=gpu, id="cuda-triton")]
-MODULES = {"cpp": cpp, "cuda": cuda, "triton": triton_ops}
+MODULES = {name: Backend(name) for name in ("cpp", "cuda", "triton")}
 DTYPES = [torch.float32, torch.bfloat16]
 
 

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from dpo_ds import ops
-from dpo_ds.ops import cpp, dispatch, fused, reference, triton_ops
+from dpo_ds.ops import backends, dispatch, fused
+
+cpp = backends.Backend("cpp")
 
 # Triton's interpreter must be on before triton is first imported (the conftest's imports may already have
 # imported it), so the Triton cases run in a child pytest started with TRITON_INTERPRET=1; see
@@ -48,11 +50,11 @@ def fresh_seed():
 
 
 def backend_module(name):
-    return {"torch": reference, "cpp": cpp, "triton": triton_ops}[name]
+    return dispatch.BACKENDS[name]
 
 
 def kernels_of(name) -> fused.Kernels:
-    return {"cpp": cpp, "triton": triton_ops}[name].kernels()
+    return dispatch.BACKENDS[name].kernels()
 
 
 def processed(raw, temperature, softcap):
@@ -144,7 +146,7 @@ LINEAR_CASES = {
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
 def test_linear_variant_matches_float64(backend, dtype, case, monkeypatch):
     n, hid, vocab, ignored, temperature, softcap, with_bias, chunk = LINEAR_CASES[case]
-    monkeypatch.setattr(cpp, "ACCUMULATOR_BYTES", 1)  # hidden-gradient accumulators of one tile: many token chunks
+    monkeypatch.setattr(backends, "ACCUMULATOR_BYTES", 1)  # hidden-gradient accumulators of one tile: many token chunks
     hidden = torch.randn(n, hid).to(dtype).requires_grad_()
     weight = (torch.randn(vocab, hid) / hid**0.5 * 3).to(dtype).requires_grad_()
     bias = torch.randn(vocab).to(dtype).requires_grad_() if with_bias else None
@@ -328,11 +330,11 @@ def test_two_ranks_build_at_once_after_a_crashed_build(tmp_path, monkeypatch):
                    "{ m.def(\"answer\", [] { return 42; }); }\n")
     env = {**os.environ, "DPO_DS_CACHE": str(tmp_path / "cache")}
     build = [sys.executable, "-c",
-             f"from pathlib import Path; from dpo_ds.ops import cpp; "
-             f"print(cpp.build_extension('probe', [Path({str(src)!r})], 'sig').answer())"]
+             f"from pathlib import Path; from dpo_ds.ops import backends; "
+             f"print(backends.build_extension('probe', [Path({str(src)!r})], 'sig').answer())"]
     # A builder that died mid-build left torch's baton: plain torch.utils.cpp_extension.load would wait forever.
     monkeypatch.setenv("DPO_DS_CACHE", env["DPO_DS_CACHE"])
-    stale = cpp.build_root() / cpp.extension_name("probe", [src], "sig")
+    stale = backends.build_root() / backends.extension_name("probe", [src], "sig")
     stale.mkdir(parents=True)
     (stale / "lock").touch()
     ranks = [subprocess.Popen(build, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

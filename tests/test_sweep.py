@@ -12,7 +12,7 @@ import pytest
 
 from dpo_ds.cli import main as cli_main
 from dpo_ds.config import ConfigError
-from dpo_ds.sweep import (
+from dpo_ds.tools.sweep import (
     Combo, Outcome, SweepOptions, combinations, flag_step1_losses, parse_sweep_args, results_markdown,
     run_measured, summarize, sweep,
 )

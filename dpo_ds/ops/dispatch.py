@@ -3,36 +3,32 @@
 By default: CPU tensors use the compiled C++ extension (`cpp`), CUDA tensors
 the Triton kernels, else the CUDA extension; anything the fused backends do not
 take (float64, other devices) and any backend that cannot be built here falls
-back to the torch reference, with one warning per unavailable backend.
+back to the chunked torch ops (`chunked`), with one warning per unavailable
+backend.
 `DPO_DS_LOGPROB_BACKEND=torch|cpp|cuda|triton` forces one backend and fails
 with the reason when it cannot run.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import warnings
-from types import ModuleType
 from typing import Optional
 
 from torch import Tensor
 
-from . import reference
+from . import chunked
+from .backends import LOADERS, Backend
 from .fused import DTYPES, BackendUnavailable
 from .types import LogProbs
 
 BACKEND_ENV = "DPO_DS_LOGPROB_BACKEND"
-BACKENDS = {"torch": "reference", "cpp": "cpp", "cuda": "cuda", "triton": "triton_ops"}
-"""Backend name -> module in dpo_ds.ops."""
+BACKENDS = {"torch": chunked, **{name: Backend(name) for name in LOADERS}}
+"""Backend name -> what runs it: the chunked torch module or a fused `Backend`."""
 PREFERENCE = {"cpu": ("cpp",), "cuda": ("triton", "cuda")}
 """Fused backends to try, fastest first, per device type."""
 
 _warned: set[str] = set()
-
-
-def _module(name: str) -> ModuleType:
-    return importlib.import_module(f"{__package__}.{BACKENDS[name]}")
 
 
 def _ready(name: str) -> Optional[str]:
@@ -40,15 +36,10 @@ def _ready(name: str) -> Optional[str]:
     if name == "torch":
         return None
     try:
-        _module(name).kernels()
+        BACKENDS[name].kernels()
     except BackendUnavailable as err:
         return str(err)
     return None
-
-
-def available_backends() -> dict[str, Optional[str]]:
-    """Every backend name -> None if it can run here, else the reason it cannot (builds what it must)."""
-    return {name: _ready(name) for name in BACKENDS}
 
 
 def backend_for(*tensors: Optional[Tensor]) -> str:
@@ -77,13 +68,13 @@ def backend_for(*tensors: Optional[Tensor]) -> str:
     return "torch"
 
 
-@functools.wraps(reference.logits_logprobs)
+@functools.wraps(chunked.logits_logprobs)
 def logits_logprobs(logits: Tensor, labels: Tensor, **kwargs) -> LogProbs:
-    return _module(backend_for(logits)).logits_logprobs(logits, labels, **kwargs)
+    return BACKENDS[backend_for(logits)].logits_logprobs(logits, labels, **kwargs)
 
 
-@functools.wraps(reference.linear_logprobs)
+@functools.wraps(chunked.linear_logprobs)
 def linear_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
                     **kwargs) -> LogProbs:
-    return _module(backend_for(hidden, weight, bias)).linear_logprobs(hidden, weight, labels, bias, **kwargs)
+    return BACKENDS[backend_for(hidden, weight, bias)].linear_logprobs(hidden, weight, labels, bias, **kwargs)
 

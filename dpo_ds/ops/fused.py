@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import reference
+from . import chunked
 from .types import LogProbs
 
 STATS = 7
@@ -65,13 +65,6 @@ class Kernels:
                     f"the {self.name} log-prob backend takes {self.device_type} tensors of dtype float32, "
                     f"bfloat16 or float16; got a {t.device.type} {t.dtype} tensor"
                 )
-
-
-def unwrap(loaded: "Kernels | BackendUnavailable") -> "Kernels":
-    """What a backend's cached `_load()` returned: its kernels, or its remembered failure raised again."""
-    if isinstance(loaded, BackendUnavailable):
-        raise BackendUnavailable(str(loaded))
-    return loaded
 
 
 @dataclass(frozen=True)
@@ -112,10 +105,17 @@ def finalize(state: Tensor, vocab: int, flags: int, valid: Optional[Tensor] = No
 
 def _config(kernels: Kernels, vocab: int, ignore_index: int, temperature: float, softcap: Optional[float],
             chunk_size: Optional[int], flags: tuple[bool, bool, bool, bool]) -> Config:
-    opt = reference._options(vocab, torch.float32, temperature, softcap, chunk_size, flags)
+    opt = chunked._options(vocab, torch.float32, temperature, softcap, chunk_size, flags)
     bits = sum(bit for bit, want in zip((ENTROPY, TOP1, MEAN, LSSP), flags) if want)
     return Config(ignore_index, 1.0 / opt.temperature, opt.softcap or 0.0, bits, chunk_size or kernels.tile_rows,
                   kernels.tile_cols)
+
+
+def _saved(ctx, kernels: Kernels, cfg: Config, tensors: tuple, outs: list) -> tuple:
+    """Keep what backward needs on `ctx`; return `outs`, only logps differentiable."""
+    ctx.save_for_backward(*tensors)
+    ctx.kernels, ctx.cfg = kernels, cfg
+    return chunked._finish(ctx, outs)
 
 
 class _LogitsFn(torch.autograd.Function):
@@ -125,10 +125,7 @@ class _LogitsFn(torch.autograd.Function):
         state = new_state(logits.shape[0], logits.device)
         kernels.fold(logits, labels, cfg.ignore_index, 0, cfg.inv_t, cfg.cap, cfg.flags, state)
         outs, lse = finalize(state, logits.shape[1], cfg.flags, labels != cfg.ignore_index)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.kernels, ctx.cfg = kernels, cfg
-        ctx.mark_non_differentiable(*[o for o in outs[1:] if o is not None])
-        return tuple(outs)
+        return _saved(ctx, kernels, cfg, (logits, labels, lse), outs)
 
     @staticmethod
     @once_differentiable
@@ -225,10 +222,7 @@ class _LinearFn(torch.autograd.Function):
         state = fwd(h, weight, bias, labels, cfg)
         outs, lse = finalize(state, weight.shape[0], cfg.flags)
         full = [_scatter(o, rows, hidden.shape[0]) for o in outs]
-        ctx.save_for_backward(hidden, weight, bias, rows, labels, lse)
-        ctx.kernels, ctx.cfg = kernels, cfg
-        ctx.mark_non_differentiable(*[o for o in full[1:] if o is not None])
-        return tuple(full)
+        return _saved(ctx, kernels, cfg, (hidden, weight, bias, rows, labels, lse), full)
 
     @staticmethod
     @once_differentiable
@@ -250,18 +244,18 @@ def logits_logprobs(kernels: Kernels, logits: Tensor, labels: Tensor, *, tempera
                     softcap: float | None = None, ignore_index: int = -100, with_entropy: bool = False,
                     with_top1: bool = False, with_mean_logits: bool = False, with_log_sum_sq_probs: bool = False,
                     chunk_size: int | None = None) -> LogProbs:
-    """`reference.logits_logprobs` on `kernels`: one streaming pass per row, no chunking needed.
+    """`chunked.logits_logprobs` on `kernels`: one streaming pass per row, no chunking needed.
 
     `chunk_size` is validated and otherwise unused: the kernels never hold more
     than one row block of a row.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got {tuple(logits.shape)}")
-    reference._check_labels_shape(labels, logits.shape[0], "rows of logits")
+    chunked._check_labels_shape(labels, logits.shape[0], "rows of logits")
     kernels.check(logits)
     cfg = _config(kernels, logits.shape[1], ignore_index, temperature, softcap, chunk_size,
                   (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))
-    reference._select_rows(labels, logits.shape[1], ignore_index)
+    chunked._select_rows(labels, logits.shape[1], ignore_index)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     return LogProbs(*_LogitsFn.apply(logits, labels.long().contiguous(), kernels, cfg))
@@ -271,29 +265,22 @@ def linear_logprobs(kernels: Kernels, hidden: Tensor, weight: Tensor, labels: Te
                     *, temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
                     with_entropy: bool = False, with_top1: bool = False, with_mean_logits: bool = False,
                     with_log_sum_sq_probs: bool = False, chunk_size: int | None = None) -> LogProbs:
-    """`reference.linear_logprobs` on `kernels`: the LM head fused with the log-prob pass.
+    """`chunked.linear_logprobs` on `kernels`: the LM head fused with the log-prob pass.
 
     Only rows with a real label are projected; `chunk_size` caps the token rows
     of one tile (the backend's default otherwise). Weight and bias gradients are
     accumulated in fp32, then cast to the parameters' dtypes.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [N, H] and weight [V, H] with the same H, got hidden {tuple(hidden.shape)} "
-            f"and weight {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    reference._check_labels_shape(labels, hidden.shape[0], "rows of hidden")
+    chunked._check_linear_shapes(hidden, weight, labels, bias)
     kernels.check(hidden, weight, bias)
     cfg = _config(kernels, weight.shape[0], ignore_index, temperature, softcap, chunk_size,
                   (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))
-    rows, kept = reference._select_rows(labels, weight.shape[0], ignore_index)
+    rows, kept = chunked._select_rows(labels, weight.shape[0], ignore_index)
     return LogProbs(*_LinearFn.apply(hidden, weight, bias, rows, kept.contiguous(), kernels, cfg))
 
 
 def checked(kernels: Kernels, device: str) -> Kernels | BackendUnavailable:
-    """`kernels` if they pass `self_check` on `device`, else the reason, for a backend's `_load()` to remember."""
+    """`kernels` if they pass `self_check` on `device`, else the reason, for `backends._load` to remember."""
     try:
         self_check(kernels, device)
     except BackendUnavailable as err:
@@ -302,7 +289,7 @@ def checked(kernels: Kernels, device: str) -> Kernels | BackendUnavailable:
 
 
 def self_check(kernels: Kernels, device: str) -> None:
-    """Run `kernels` once on small inputs against the torch reference; BackendUnavailable if they disagree.
+    """Run `kernels` once on small inputs against the chunked torch ops; BackendUnavailable if they disagree.
 
     GPU kernels are compiled for the GPU at hand on first use: one that fails to
     build or computes wrong numbers there must fall back, not train on garbage.
@@ -316,8 +303,8 @@ def self_check(kernels: Kernels, device: str) -> None:
     kw = dict(temperature=0.9, softcap=5.0, with_entropy=True, with_top1=True, with_mean_logits=True,
               with_log_sum_sq_probs=True)
     cases = (
-        (functools.partial(logits_logprobs, kernels), reference.logits_logprobs, (logits, labels), (logits,)),
-        (functools.partial(linear_logprobs, kernels), reference.linear_logprobs, (hidden, weight, labels),
+        (functools.partial(logits_logprobs, kernels), chunked.logits_logprobs, (logits, labels), (logits,)),
+        (functools.partial(linear_logprobs, kernels), chunked.linear_logprobs, (hidden, weight, labels),
          (hidden, weight)),
     )
     try:

@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .config import ConfigError, DPOConfig
-from .parser import parse_known
+from ..config import ConfigError, DPOConfig
+from ..parser import parse_known
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 MIB = 2**20
 OOM_PATTERNS = re.compile(r"out of memory|OutOfMemoryError|Cannot allocate memory|return code = -9")
@@ -163,12 +162,6 @@ def run_flags(combo: Combo, opts: SweepOptions, run_dir: Path) -> list[str]:
     return [*opts.train_flags, *combo.flags(), "--max_steps", str(opts.steps), "--logging_steps", "1",
             "--save_steps", "none", "--eval_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
             "--output_dir", str(run_dir)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -420,6 +413,7 @@ def sweep(opts: SweepOptions) -> list[dict]:
         if remaining:
             raise ConfigError(f"unknown argument(s) {remaining}; see dpo-ds sweep --help")
         configs.append(args)
+    from ..distributed import free_port  # torch.distributed: only when a sweep runs
     from .estimate import model_shape
 
     shapes = {(a.model_name_or_path, a.trust_remote_code): None for a in configs}  # --set may vary the model
@@ -434,7 +428,7 @@ def sweep(opts: SweepOptions) -> list[dict]:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus),
-               "--master_port", str(_free_port()), str(TRAIN_SCRIPT), *run_flags(combo, opts, run_dir)]
+               "--master_port", str(free_port()), str(TRAIN_SCRIPT), *run_flags(combo, opts, run_dir)]
         print(f"[{index}/{len(combos)}] {combo.name}", flush=True)
         outcome = run_measured(cmd, run_dir / "log.txt", opts.timeout, env)
         record = summarize(combo, outcome, run_dir, run_dir / "log.txt", opts.steps)

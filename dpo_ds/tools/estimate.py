@@ -22,9 +22,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from .config import ConfigError, DPOConfig
-from .ds_config import load_deepspeed_config, reference_setup
-from .parser import parse_known
+from ..config import ConfigError, DPOConfig
+from ..ds_config import load_deepspeed_config, reference_setup
+from ..parser import parse_known
 
 GIB = 2**30
 BUFFER_FACTOR = 1.5
@@ -38,7 +38,7 @@ LSE_BYTES = 4
 HEAD_STATE_BYTES = 7 * 4
 """Per token: the fused log-prob op's fp32 running state (dpo_ds.ops.fused.STATS rows)."""
 HEAD_CHUNK_BYTES = 64 * 2**20
-"""The fused op's budget for one chunk of fp32 logits (dpo_ds.ops.reference.CHUNK_BYTES)."""
+"""The fused op's budget for one chunk of fp32 logits (dpo_ds.ops.chunked.CHUNK_BYTES)."""
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 USAGE = """usage: dpo-ds estimate --model MODEL --deepspeed CONFIG [--nodes N] [--gpus-per-node G]
@@ -107,7 +107,7 @@ def model_shape(name_or_path: str, trust_remote_code: bool = False) -> ModelShap
     """The shape of a hub id, local directory, .gguf file or "builtin", from its config only."""
     from transformers import AutoConfig
 
-    from .models import _from_pretrained_source, resolve_model_path
+    from ..models import _from_pretrained_source, resolve_model_path
 
     try:
         source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
@@ -290,7 +290,7 @@ def parse_size(text: str) -> int:
 
 
 def _uses_reference_engine(args: DPOConfig) -> bool:
-    from .losses import needs_reference
+    from ..losses import needs_reference
 
     return needs_reference(args) and not args.precompute_ref_log_probs
 

@@ -205,6 +205,17 @@ def _check_labels_shape(labels: Tensor, n: int, what: str) -> None:
         raise ValueError(f"labels must be [N] with N = {n} ({what}), got {tuple(labels.shape)}")
 
 
+def _check_linear_shapes(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor]) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [N, H] and weight [V, H] with the same H, got hidden {tuple(hidden.shape)} "
+            f"and weight {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    _check_labels_shape(labels, hidden.shape[0], "rows of hidden")
+
+
 def logits_logprobs(
     logits: Tensor,
     labels: Tensor,
@@ -253,14 +264,7 @@ def linear_logprobs(
     once to fp32 when it is half precision, and its gradient is accumulated in
     fp32 before the cast back to the weight's dtype.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [N, H] and weight [V, H] with the same H, got hidden {tuple(hidden.shape)} "
-            f"and weight {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    _check_labels_shape(labels, hidden.shape[0], "rows of hidden")
+    _check_linear_shapes(hidden, weight, labels, bias)
     acc = _acc_dtype(hidden, weight, bias)
     opt = _options(weight.shape[0], acc, temperature, softcap, chunk_size,
                    (with_entropy, with_top1, with_mean_logits, with_log_sum_sq_probs))

@@ -1,4 +1,4 @@
-"""The torch reference log-prob ops against float64 formulas written here, and hand-computed sums."""
+"""The chunked torch log-prob ops (`ops.chunked`) against float64 formulas and hand-computed sums."""
 import math
 
 import pytest
@@ -6,12 +6,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_ds.ops import LogProbs, linear_logprobs, logits_logprobs, sequence_logps
-from dpo_ds.ops import reference
+from dpo_ds.ops import chunked
 
 
 @pytest.fixture(autouse=True)
-def torch_reference_backend(monkeypatch):
-    """These tests are about the torch reference path: keep dispatch from picking a compiled kernel."""
+def torch_chunked_backend(monkeypatch):
+    """These tests are about the chunked torch path: keep dispatch from picking a compiled kernel."""
     monkeypatch.setenv("DPO_DS_LOGPROB_BACKEND", "torch")
 
 IGNORE = -100
@@ -228,7 +228,7 @@ def test_never_holds_all_logits_in_fp32(monkeypatch):
         out.logps.sum().backward()
     assert 0 < seen.largest <= chunk * vocab
 
-    monkeypatch.setattr(reference, "CHUNK_BYTES", 5 * vocab * 4)  # the default chunk is then 5 rows
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 5 * vocab * 4)  # the default chunk is then 5 rows
     with LargestFloat32() as seen:
         logits_logprobs(logits, labels, **ALL_METRICS).logps.sum().backward()
     assert 0 < seen.largest <= 5 * vocab

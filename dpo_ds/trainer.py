@@ -30,7 +30,7 @@ from .ds_config import load_deepspeed_config, reference_deepspeed_config
 from .distributed import on_cpu, rank as _rank, world_size as _world
 from .engines import (METRIC_SCHEDULERS, Engines, build_policy_engine, export_peft, load_for_engine, metric_scheduler,
                       router_aux_loss_coef)
-from .losses import compute_loss
+from .losses import LossConfig, compute_loss
 from .metrics import MeanAccumulator, MetricsSink, Throughput, pair_metrics, token_metrics
 from .models import (adapter_base_path, disable_dropout, is_peft_model, load_model, load_policy_model, load_tokenizer,
                      reference_args, resolve_model_path)
@@ -264,6 +264,7 @@ class DPOTrainer:
         ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
         policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
         self.model = policy_model
+        self.loss_config = LossConfig.from_config(a)
         self.aux_loss_coef = router_aux_loss_coef(a, policy_model)
         policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
 
@@ -353,7 +354,7 @@ class DPOTrainer:
         out, aux_loss = out if self.aux_loss_coef else (out, None)
         mask = inputs["completion_mask"][:, 1:].to(torch.float32)
         pol = pair_logps(out.logps, mask, a.ld_alpha, out.log_sum_sq_probs)
-        loss_out = compute_loss(a, pol, ref)
+        loss_out = compute_loss(self.loss_config, pol, ref)
         self._add_metrics(acc, loss_out, pol, out, mask, weights)
         if aux_loss is not None:
             self._add_aux_loss(acc, aux_loss, weights)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import preemption
-from .distributed import barrier as _barrier, on_cpu, rank as _rank, world_size as _world
+from .distributed import barrier as _barrier, rank as _rank, world_size as _world
 from .engines import build_reference_engine, hf_deepspeed_config, mix_weights, release_gathered, weights_digest
 from .losses import PairLogps, needs_reference
 from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER, cache_dir, is_peft_model
@@ -382,6 +382,21 @@ def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[
 
 # ----------------------------------------------------------------------------- choosing
 
+def online_reference(engine, args) -> _OnlineReference:
+    """The reference read from `engine`'s model: with its adapters disabled when it is a LoRA model."""
+    if is_peft_model(engine.module.model):
+        return AdapterReference(engine, args.ld_alpha)
+    return EngineReference(engine, args.ld_alpha)
+
+
+def load_reference_engine(load_reference: Callable[[], Any], args, ref_ds_config: dict):
+    """`load_reference()`'s model in its own inference engine, loaded under the reference's ZeRO settings."""
+    zero3_settings = hf_deepspeed_config(ref_ds_config)  # kept alive while the model loads: a weak reference
+    engine = build_reference_engine(load_reference(), args, ref_ds_config)
+    del zero3_settings
+    return engine
+
+
 def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_config: dict,
                     splits: dict, batches: Callable[[list[dict]], dict],
                     batch_sizes: dict[str, int], separate_model: bool,
@@ -396,14 +411,10 @@ def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_conf
     """
     if not needs_reference(args):
         return NoReference(), None
-    if is_peft_model(policy.module.model):
-        online, engine = AdapterReference(policy, args.ld_alpha), None
-    elif args.precompute_ref_log_probs and not separate_model:
-        online, engine = EngineReference(policy, args.ld_alpha), None
+    if is_peft_model(policy.module.model) or (args.precompute_ref_log_probs and not separate_model):
+        online, engine = online_reference(policy, args), None
     else:
-        zero3_settings = hf_deepspeed_config(ref_ds_config)  # kept alive while the model loads: a weak reference
-        engine = build_reference_engine(load_reference(), args, ref_ds_config)
-        del zero3_settings
+        engine = load_reference_engine(load_reference, args, ref_ds_config)
         online = EngineReference(engine, args.ld_alpha, policy, args.ref_model_mixup_alpha,
                                  args.ref_model_sync_steps if args.sync_ref_model else 0)
     if not args.precompute_ref_log_probs:
@@ -412,56 +423,3 @@ def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_conf
     if engine is not None:
         engine.destroy()
     return cached, None
-
-
-def run_precompute(args) -> dict[str, Path]:
-    """`dpo-ds precompute-ref`: the reference pass of a training run, without the policy engine.
-
-    The reference is built as the run would build it (the model, or the LoRA
-    policy with its adapters disabled) in a ZeRO inference engine from
-    `ref_zero_stage`/`ref_offload`, and the cache lands where the run looks
-    for it. Collective: run it under the same launcher as training.
-    """
-    from transformers import AutoConfig
-
-    from .collate import PreferenceCollator
-    from .ds_config import load_deepspeed_config, reference_deepspeed_config
-    from .data import load_preference_data
-    from .models import adapter_base_path, disable_dropout, load_model, load_policy_model
-    from .models import reference_args, resolve_model_path
-    from .packing import inputs_for
-    from .vision import check_layout, is_processor, load_processing_class, processor_digest
-
-    processing = load_processing_class(args.model_name_or_path, args)
-    processor = processing if is_processor(processing) else None
-    if processor is not None:
-        check_layout(args)
-    tokenizer = processor.tokenizer if processor is not None else processing
-    data = load_preference_data(args, processing)
-    splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
-    source = resolve_model_path(args.ref_model_name_or_path or args.model_name_or_path)
-    hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(source) or source,
-                                                trust_remote_code=args.trust_remote_code).get_text_config(),
-                     "hidden_size", None)
-    ref_config = reference_deepspeed_config(args, load_deepspeed_config(args, _world(), hidden_size=hidden,
-                                                                        num_training_steps=1), on_cpu=on_cpu())
-
-    def load():
-        model = load_model(source, reference_args(args)) if args.ref_model_name_or_path \
-            else load_policy_model(source, args)
-        if args.disable_dropout:
-            disable_dropout(model)
-        return model
-
-    zero3_settings = hf_deepspeed_config(ref_config)  # kept alive while the model loads: a weak reference
-    model = load()
-    engine = build_reference_engine(model, args, ref_config)
-    online = AdapterReference(engine, args.ld_alpha) if is_peft_model(model) else EngineReference(engine, args.ld_alpha)
-    collator = PreferenceCollator(tokenizer.pad_token_id, padding_side=args.padding_side,
-                                  pad_to_multiple_of=args.pad_to_multiple_of, processor=processor)
-    cached = precomputed(online, args, splits, lambda rows: inputs_for(collator(rows), args, engine.device),
-                         {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size},
-                         processor_digest(processor) if processor is not None else None)
-    engine.destroy()
-    del zero3_settings
-    return cached.directories

@@ -35,7 +35,7 @@ from .metrics import MeanAccumulator, MetricsSink, Throughput, pair_metrics, tok
 from .models import (adapter_base_path, disable_dropout, is_peft_model, load_model, load_policy_model, load_tokenizer,
                      reference_args, resolve_model_path)
 from .packing import inputs_for
-from .reference import build_reference, label_mask, pair_logps
+from .reference import build_reference, label_mask, load_reference_engine, online_reference, pair_logps, precomputed
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,69 @@ class DPOTrainer:
 
     def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None):
-        self.args = args or DPOConfig()
+        self._set_up(args or DPOConfig(), model, train_dataset, eval_dataset, processing_class, peft_config)
+        a = self.args
+        ds_config = self._deepspeed_config()
+        # Kept alive while the policy loads and its engine is built: transformers holds it by a weak reference.
+        policy_zero_settings = hf_deepspeed_config(ds_config)
+        policy_model = self._load(self._model_source)
+        self.model = policy_model
+        self.loss_config = LossConfig.from_config(a)
+        self.aux_loss_coef = router_aux_loss_coef(a, policy_model)
+        policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
+
+        ref_source = ref_model if ref_model is not None else (
+            resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else self._model_source)
+        ref_ds = reference_deepspeed_config(a, ds_config, on_cpu=on_cpu())
+        self.reference, reference_engine = build_reference(
+            a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
+            separate_model=ref_model is not None or bool(a.ref_model_name_or_path),
+            **self._reference_data(policy.device))
+        # A reference model loads under its own ZeRO settings, which replace the policy's in transformers:
+        # the policy's become transformers' again, kept alive by Engines for the whole run.
+        del policy_zero_settings
+        self.engines = Engines(policy, reference_engine, ds_config, ref_ds if reference_engine is not None else None,
+                               hf_deepspeed_config(ds_config))
+        self.metric_scheduler = metric_scheduler(policy, a, ds_config)
+
+        # [tokens, pairs, squared sequence lengths] processed by this rank since the last log (padding excluded).
+        self.window = torch.zeros(3, dtype=torch.float64)
+        # Only an online reference (it holds a module) runs a forward per batch.
+        ref_module = getattr(self.reference, "module", None)
+        self.throughput = Throughput(self.model, getattr(ref_module, "model", None), a.gradient_checkpointing,
+                                     policy.device, a.peak_tflops)
+        # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
+        self.resumed_from: Optional[Path] = None  # rotation keeps it
+        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "skipped": 0,
+                      "best_metric": None, "best_model_checkpoint": None}
+        self._last_eval: dict = {}
+        self._best_metric_name, self._greater_is_better = _best_metric(a)
+        self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
+            if _rank() == 0 else None
+
+    @classmethod
+    def precompute_reference(cls, args: DPOConfig) -> dict[str, Path]:
+        """`dpo-ds precompute-ref`: this run's reference pass on its own; returns each split's cache directory.
+
+        The run's own set-up (data, tokenizer, DeepSpeed config, model loading), without the policy engine:
+        the reference (the model, or the LoRA policy with its adapters disabled) runs in a ZeRO inference
+        engine from `ref_zero_stage`/`ref_offload`, and the cache lands where training looks for it.
+        Collective: run it under the same launcher as training.
+        """
+        trainer = cls.__new__(cls)  # set up, but no engines
+        trainer._set_up(args, None, None, None, None, None)
+        separate = bool(args.ref_model_name_or_path)
+        source = resolve_model_path(args.ref_model_name_or_path) if separate else trainer._model_source
+        ref_ds = reference_deepspeed_config(args, trainer._deepspeed_config(), on_cpu=on_cpu())
+        engine = load_reference_engine(lambda: trainer._load(source, fresh=separate), args, ref_ds)
+        cached = precomputed(online_reference(engine, args), args, **trainer._reference_data(engine.device))
+        engine.destroy()
+        return cached.directories
+
+    # ----------------------------------------------------------------- setup
+    def _set_up(self, args: DPOConfig, model, train_dataset, eval_dataset, processing_class, peft_config) -> None:
+        """Everything before the engines: checks, seeds, tokenizer or processor, data, collator, step counts."""
+        self.args = args
         self.peft_config = peft_config
         a = self.args
         _check_strategies(a)
@@ -265,56 +327,30 @@ class DPOTrainer:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
         self.warmup_steps = a.get_warmup_steps(self.total_steps)
+        # A resolved path or an in-memory model: what the policy (and by default the reference) loads from.
+        self._model_source = model if not isinstance(model, str) else resolve_model_path(model)
 
-        load = model if not isinstance(model, str) else resolve_model_path(model)
+    def _deepspeed_config(self) -> dict:
+        """The run's DeepSpeed config, "auto" values filled from the model's hidden size and the step count."""
+        a, load = self.args, self._model_source
         hidden = None if isinstance(load, str) else getattr(load.config.get_text_config(), "hidden_size", None)
         if hidden is None:
             from transformers import AutoConfig
 
             hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(load) or load, trust_remote_code=a
                                                         .trust_remote_code).get_text_config(), "hidden_size", None)
-        ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
-        # Kept alive while the policy loads and its engine is built: transformers holds it by a weak reference.
-        policy_zero_settings = hf_deepspeed_config(ds_config)
-        policy_model = self._load(load)
-        self.model = policy_model
-        self.loss_config = LossConfig.from_config(a)
-        self.aux_loss_coef = router_aux_loss_coef(a, policy_model)
-        policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
+        return load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
 
-        ref_source = ref_model if ref_model is not None else (
-            resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else load)
-        splits = {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
-        ref_ds = reference_deepspeed_config(a, ds_config, on_cpu=on_cpu())
-        self.reference, reference_engine = build_reference(
-            a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
-            splits, lambda rows: inputs_for(self.collator(rows), a, policy.device),
-            {"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
-            separate_model=ref_model is not None or bool(a.ref_model_name_or_path),
-            image_settings=vision.processor_digest(self.processor) if self.processor is not None else None)
-        # A reference model loads under its own ZeRO settings, which replace the policy's in transformers:
-        # the policy's become transformers' again, kept alive by Engines for the whole run.
-        del policy_zero_settings
-        self.engines = Engines(policy, reference_engine, ds_config, ref_ds if reference_engine is not None else None,
-                               hf_deepspeed_config(ds_config))
-        self.metric_scheduler = metric_scheduler(policy, a, ds_config)
+    def _reference_data(self, device) -> dict:
+        """What a reference pass reads (`build_reference`'s and `precomputed`'s keywords): the splits, their
+        rows as model inputs on `device`, the batch sizes and a vision model's image settings."""
+        a = self.args
+        return dict(splits={"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None
+                                                         else {})},
+                    batches=lambda rows: inputs_for(self.collator(rows), a, device),
+                    batch_sizes={"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
+                    image_settings=vision.processor_digest(self.processor) if self.processor is not None else None)
 
-        # [tokens, pairs, squared sequence lengths] processed by this rank since the last log (padding excluded).
-        self.window = torch.zeros(3, dtype=torch.float64)
-        # Only an online reference (it holds a module) runs a forward per batch.
-        ref_module = getattr(self.reference, "module", None)
-        self.throughput = Throughput(self.model, getattr(ref_module, "model", None), a.gradient_checkpointing,
-                                     policy.device, a.peak_tflops)
-        # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
-        self.resumed_from: Optional[Path] = None  # rotation keeps it
-        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "skipped": 0,
-                      "best_metric": None, "best_model_checkpoint": None}
-        self._last_eval: dict = {}
-        self._best_metric_name, self._greater_is_better = _best_metric(a)
-        self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
-            if _rank() == 0 else None
-
-    # ----------------------------------------------------------------- setup
     def _datasets(self, train_dataset, eval_dataset):
         a = self.args
         processing = self.processor or self.tokenizer

@@ -222,7 +222,6 @@ def probe(model_dir: str, data: str, out: str) -> None:
     import deepspeed
 
     from dpo_ds import distributed
-    from dpo_ds.reference import run_precompute
     from dpo_ds.trainer import DPOTrainer
 
     def config(name: str, **kw) -> DPOConfig:
@@ -249,8 +248,9 @@ def probe(model_dir: str, data: str, out: str) -> None:
     # training run below must then find every value cached: same key from its own policy engine, nothing
     # recomputed. That run trains on prefix-shared batches: its losses must still be the padded online run's.
     cache = f"{out}/cache"
-    directories = run_precompute(config("cli", precompute_ref_log_probs=True, precompute_ref_batch_size=3,
-                                        ref_cache_dir=cache, packing=True))
+    directories = DPOTrainer.precompute_reference(config("cli", precompute_ref_log_probs=True,
+                                                         precompute_ref_batch_size=3, ref_cache_dir=cache,
+                                                         packing=True))
     parts = sorted(Path(cache).glob("*/part-*.pt"))
     stamps = [p.stat().st_mtime_ns for p in parts]
     before = models()

@@ -251,7 +251,7 @@ def precompute_ref(argv: list[str]) -> int:
         return 0
     from dpo_ds import distributed, preemption
     from dpo_ds.losses import needs_reference
-    from dpo_ds.reference import run_precompute
+    from dpo_ds.trainer import DPOTrainer
 
     if not needs_reference(config):
         raise ConfigError(f"loss_type={config.loss_type!r} (reference_free={config.reference_free}) uses no "
@@ -261,7 +261,7 @@ def precompute_ref(argv: list[str]) -> int:
     preemption.install("setup")
     distributed.init(config.ddp_timeout)
     try:
-        directories = run_precompute(config)
+        directories = DPOTrainer.precompute_reference(config)
     finally:
         distributed.shutdown()
     for split, directory in directories.items():

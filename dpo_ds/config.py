@@ -348,24 +348,11 @@ class DPOConfig(TRLKeys):
             self.eval_steps = self.logging_steps
         _validate_losses(self)
 
-    @property
-    def loss_types(self) -> list[str]:
-        """loss_type as a list, whether the user gave one name or several."""
-        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup length: warmup_steps when > 0, else ceil(warmup_ratio * num_training_steps)."""
         if self.warmup_steps > 0:
             return self.warmup_steps
         return math.ceil(num_training_steps * self.warmup_ratio)
-
-    @staticmethod
-    def help(name: str) -> str:
-        """The documentation string of field `name`."""
-        docs = field_docs()
-        if name not in docs:
-            raise unknown_key(name, "DPOConfig.help")
-        return docs[name]
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain Python values (lists and dicts copied); TRL-only keys only when not at TRL's default."""
@@ -559,13 +546,9 @@ class DPOConfig(TRLKeys):
 
 
 def _validate_losses(cfg: DPOConfig) -> None:
-    """Run the loss module's own checks (e.g. exo_pair needs label_smoothing > 0), when it exists."""
-    try:
-        from dpo_ds import losses
-    except ModuleNotFoundError as err:
-        if err.name != "dpo_ds.losses":
-            raise
-        return
+    """Run the loss module's own checks (e.g. exo_pair needs label_smoothing > 0)."""
+    from dpo_ds import losses
+
     try:
         losses.validate_loss_args(cfg)
     except ConfigError:

@@ -152,7 +152,7 @@ class Engines:
     reference: Any
     ds_config: dict
     ref_ds_config: Optional[dict]
-    # Kept alive: transformers reads ZeRO-3 settings through a weak reference to it.
+    # The policy's `hf_deepspeed_config`, kept alive: transformers reads it through a weak reference.
     hf_ds_config: Any = None
 
 
@@ -190,19 +190,19 @@ def _offloads_optimizer(ds_config: dict) -> bool:
     return device not in (None, "none")
 
 
-def load_for_engine(load_fn, ds_config: dict):
-    """Call `load_fn()` so that a ZeRO-3 model is created already partitioned.
+def hf_deepspeed_config(ds_config: dict):
+    """Make `ds_config` the ZeRO settings transformers sees; returns its `HfDeepSpeedConfig` (None below ZeRO-3).
 
-    `HfDeepSpeedConfig` makes `from_pretrained` run under `deepspeed.zero.Init`,
-    so no rank ever holds the whole model. Returns (model, hf_config_handle).
+    transformers holds that object through a weak reference only: keep it alive for as long as the
+    settings must apply. While it lives, `from_pretrained` runs under `deepspeed.zero.Init`, so a ZeRO-3
+    model is created already partitioned and no rank ever holds it whole.
     """
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     if zero_stage(ds_config) == 3:
-        handle = HfDeepSpeedConfig(copy.deepcopy(ds_config))
-        return load_fn(), handle
+        return HfDeepSpeedConfig(copy.deepcopy(ds_config))
     unset_hf_deepspeed_config()
-    return load_fn(), None
+    return None
 
 
 # offload_optimizer runs the optimizer step on the CPU: DeepSpeed's own CPU kernels for these `optim` names.

@@ -8,11 +8,12 @@ conservative DPO and ``reference_free`` are kept from older TRL releases.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,46 @@ NLL_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo"})
 # Losses that sort over the batch, so per-pair weights would be misaligned.
 SORTING_LOSS_TYPES = frozenset({"aot", "aot_unpaired"})
 
-Number = Union[float, Tensor]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A run's loss settings, copied once from its DPOConfig by :meth:`from_config`.
+
+    DPOConfig states every default and validates them (:func:`validate_loss_args`, from its
+    ``__post_init__``); the loss functions read this object and check nothing again.
+    """
+
+    loss_types: tuple[str, ...]  # `loss_type`, normalized: one entry per loss
+    loss_weights: tuple[float, ...]  # one per loss type (`loss_weights=None`: 1.0 each)
+    # The rest carry their DPOConfig field's name.
+    beta: float
+    label_smoothing: float
+    f_divergence_type: str
+    f_alpha_divergence_coef: float
+    discopop_tau: float
+    simpo_gamma: float
+    cpo_alpha: float
+    rpo_alpha: Optional[float]
+    reference_free: bool
+    use_weighting: bool
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LossConfig:
+        """The loss settings of a DPOConfig (or of any object with its attribute names)."""
+        loss_type = cfg.loss_type
+        if isinstance(loss_type, str):
+            loss_type = [loss_type]
+        if not isinstance(loss_type, Sequence) or not loss_type or not all(isinstance(n, str) for n in loss_type):
+            raise ValueError(f"loss_type must be a loss name or a non-empty list of names, got {cfg.loss_type!r}")
+        weights = cfg.loss_weights
+        copied = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)[2:]}
+        return cls(tuple(loss_type), tuple(weights) if weights is not None else (1.0,) * len(loss_type), **copied)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the losses read reference log-probs (False for policy-only losses or ``reference_free``)."""
+        return not self.reference_free and not REFERENCE_FREE_LOSS_TYPES.issuperset(self.loss_types)
 
 
 def preference_loss(
@@ -48,22 +88,15 @@ def preference_loss(
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Optional[Tensor],
     ref_rejected_logps: Optional[Tensor],
+    config: LossConfig,
     *,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
     chosen_lengths: Optional[Tensor] = None,
     rejected_lengths: Optional[Tensor] = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
-    simpo_gamma: float = 0.5,
-    reference_free: bool = False,
-    bco_delta: Number = 0.0,
 ) -> Tensor:
     r"""Per-pair preference loss, shape ``[B]``, differentiable w.r.t. the policy log-probs.
 
     Inputs are summed completion log-probs ``[B]``; lengths are completion token counts ``[B]``
-    (clamped to >= 1). Notation: :math:`\rho_w = \log\pi(y_w) - \log\pi_{ref}(y_w)`, likewise
+    (clamped to >= 1); ``config`` gives the options (already validated). Notation: :math:`\rho_w = \log\pi(y_w) - \log\pi_{ref}(y_w)`, likewise
     :math:`\rho_l`; :math:`s = f'(e^\rho)` is the f-divergence score (:math:`s = \rho` for reverse KL);
     :math:`\Delta = s_w - s_l`, :math:`\sigma` the logistic function, :math:`\epsilon` = ``label_smoothing``.
 
@@ -79,9 +112,9 @@ def preference_loss(
       :math:`-\log\sigma(\beta\rho_w) - \frac12\log\sigma(-\beta\rho_w) - \frac12\log\sigma(-\beta\rho_l)`.
     - ``robust``: rDPO, Chowdhury et al., arXiv:2403.00409, Eq. 8:
       :math:`[-(1-\epsilon)\log\sigma(\beta\Delta) + \epsilon\log\sigma(-\beta\Delta)] / (1 - 2\epsilon)`.
-    - ``bco_pair``: BCO, Jung et al., arXiv:2404.04656, with reward shift :math:`\delta` = ``bco_delta``
-      (TRL 1.16 uses :math:`\delta = 0`; :class:`RunningMean` keeps the paper's running reward mean):
-      :math:`-\log\sigma(\beta\rho_w - \delta) - \log\sigma(-(\beta\rho_l - \delta))`.
+    - ``bco_pair``: BCO, Jung et al., arXiv:2404.04656, with the reward shift :math:`\delta` = 0 of
+      TRL 1.16 (the paper's :math:`\delta` is a running mean of the rewards):
+      :math:`-\log\sigma(\beta\rho_w) - \log\sigma(-\beta\rho_l)`.
     - ``sppo_hard``: SPPO, Wu et al., arXiv:2405.00675, Eq. 4.7 with hard win probabilities:
       :math:`(\rho_w - \frac{1}{2\beta})^2 + (\rho_l + \frac{1}{2\beta})^2`.
     - ``aot`` / ``aot_unpaired``: AOT, Melnyk et al., arXiv:2406.05882: the smoothed logistic loss on
@@ -110,10 +143,7 @@ def preference_loss(
 
     ``reference_free=True`` treats the reference log-probs as 0 for every reference-based loss.
     """
-    check_loss_options(
-        loss_type, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-        discopop_tau=discopop_tau,
-    )
+    beta, label_smoothing, discopop_tau = config.beta, config.label_smoothing, config.discopop_tau
     _check_pair_tensor("policy_chosen_logps", policy_chosen_logps, policy_chosen_logps)
     _check_pair_tensor("policy_rejected_logps", policy_rejected_logps, policy_chosen_logps)
     if loss_type in LENGTH_LOSS_TYPES:
@@ -128,10 +158,10 @@ def preference_loss(
     if loss_type in REFERENCE_FREE_LOSS_TYPES:
         return _policy_only_loss(
             loss_type, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
-            beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma,
+            beta=beta, label_smoothing=label_smoothing, simpo_gamma=config.simpo_gamma,
         )
 
-    if reference_free:
+    if config.reference_free:
         ref_chosen_logps = torch.zeros_like(policy_chosen_logps)
         ref_rejected_logps = torch.zeros_like(policy_rejected_logps)
     elif ref_chosen_logps is None or ref_rejected_logps is None:
@@ -144,8 +174,8 @@ def preference_loss(
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    chosen_scores = f_divergence_score(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    rejected_scores = f_divergence_score(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    chosen_scores = f_divergence_score(chosen_logratios, config.f_divergence_type, config.f_alpha_divergence_coef)
+    rejected_scores = f_divergence_score(rejected_logratios, config.f_divergence_type, config.f_alpha_divergence_coef)
     z = beta * (chosen_scores - rejected_scores)
 
     if loss_type == "sigmoid":
@@ -170,7 +200,7 @@ def preference_loss(
         eps = label_smoothing
         return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
     if loss_type == "bco_pair":
-        chosen_rewards, rejected_rewards = beta * chosen_logratios - bco_delta, beta * rejected_logratios - bco_delta
+        chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
         return -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
     if loss_type == "sppo_hard":
         return (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
@@ -189,7 +219,7 @@ def preference_loss(
     if loss_type == "discopop":
         # m * exp(-z) is computed as exp(log m - z): it tends to 0 where exp(-z) alone overflows.
         return -F.logsigmoid(z) * torch.sigmoid(-z / discopop_tau) + torch.exp(F.logsigmoid(z / discopop_tau) - z)
-    raise AssertionError(f"unhandled loss_type {loss_type!r}")
+    raise ValueError(f"loss_type: unknown loss type {loss_type!r}; valid: {list(LOSS_TYPES)}")
 
 
 def _policy_only_loss(
@@ -235,7 +265,7 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def f_divergence_score(logratio: Tensor, f_divergence_type: str, alpha: float = 0.5) -> Tensor:
+def f_divergence_score(logratio: Tensor, f_divergence_type: str, alpha: float) -> Tensor:
     """The f-DPO score ``f'(u)`` at ``u = exp(logratio)`` (arXiv:2309.16240), TRL 1.16's choice of f."""
     if f_divergence_type == "reverse_kl":
         return logratio
@@ -270,25 +300,6 @@ def preference_rewards(
 
 
 @dataclass
-class RunningMean:
-    """Running mean of rewards: BCO's reward shift ``delta`` (arXiv:2404.04656, Sec. 4).
-
-    Feed it sums already reduced across ranks, so that every rank holds the same delta; store it in
-    checkpoints with ``dataclasses.asdict``.
-    """
-
-    mean: float = 0.0
-    count: float = 0.0
-
-    def update(self, total: float, count: float) -> float:
-        """Fold in ``count`` more rewards whose sum is ``total``; return the new mean."""
-        if count > 0:
-            self.count += float(count)
-            self.mean += (float(total) - float(count) * self.mean) / self.count
-        return self.mean
-
-
-@dataclass
 class PairLogps:
     """Per-pair sequence log-probs of one model; every field is ``[B]``."""
 
@@ -310,79 +321,55 @@ class LossOutput:
     rejected_rewards: Tensor  # [B], detached
 
 
-def compute_loss(
-    args: Any, policy: PairLogps, reference: Optional[PairLogps], *, bco_delta: Number = 0.0
-) -> LossOutput:
-    """Combined per-pair loss of a DPOConfig-like ``args`` (read with ``getattr`` and defaults).
+def compute_loss(config: LossConfig, policy: PairLogps, reference: Optional[PairLogps]) -> LossOutput:
+    """Combined per-pair loss of a run's :class:`LossConfig`.
 
     ``per_pair = sum_k w_k * (wpo * loss_k + c_k * nll) + rpo_alpha * nll`` where ``w_k`` are
     ``loss_weights`` (several loss types = MPO, arXiv:2411.10442), ``nll = -chosen / chosen_lengths``
     (RPO, Pang et al., arXiv:2404.19733), ``c_k`` is ``cpo_alpha`` for simpo and cpo (as TRL's CPO trainer
     adds it to both), 1 for orpo and 0 otherwise, and ``wpo = exp(chosen_wpo + rejected_wpo)``, detached,
     when ``use_weighting`` (WPO, Zhou et al., arXiv:2406.11827, Eq. 2; unclamped, as in TRL 1.16), else 1.
-    ``bco_delta`` is BCO's reward shift (see :class:`RunningMean`).
     """
-    validate_loss_args(args)
-    loss_types = _loss_type_list(args)
-    loss_weights = getattr(args, "loss_weights", None) or [1.0] * len(loss_types)
-    reference_free = bool(getattr(args, "reference_free", False))
-    if reference is None and needs_reference(args):
-        raise ValueError(f"loss_type={loss_types} needs reference log-probs, but reference is None")
-    ref = None if reference_free else reference
-    beta = getattr(args, "beta", 0.1)
+    if reference is None and config.needs_reference:
+        raise ValueError(f"loss_type={list(config.loss_types)} needs reference log-probs, but reference is None")
+    ref = None if config.reference_free else reference
 
     weights = 1.0
-    if getattr(args, "use_weighting", False):
+    if config.use_weighting:
         if policy.chosen_wpo is None or policy.rejected_wpo is None:
             raise ValueError("use_weighting=True needs PairLogps.chosen_wpo and PairLogps.rejected_wpo")
         weights = torch.exp(policy.chosen_wpo + policy.rejected_wpo).detach()
     nll = -policy.chosen / _clamped(policy.chosen_lengths, policy.chosen)
 
-    options = dict(
-        beta=beta,
-        label_smoothing=getattr(args, "label_smoothing", 0.0),
-        chosen_lengths=policy.chosen_lengths,
-        rejected_lengths=policy.rejected_lengths,
-        f_divergence_type=getattr(args, "f_divergence_type", "reverse_kl"),
-        f_alpha_divergence_coef=getattr(args, "f_alpha_divergence_coef", 0.5),
-        discopop_tau=getattr(args, "discopop_tau", 0.05),
-        simpo_gamma=getattr(args, "simpo_gamma", 0.5),
-        reference_free=reference_free,
-        bco_delta=bco_delta,
-    )
-    cpo_alpha = getattr(args, "cpo_alpha", 1.0)
-    nll_weights = {"simpo": cpo_alpha, "cpo": cpo_alpha, "orpo": 1.0}
+    nll_weights = {"simpo": config.cpo_alpha, "cpo": config.cpo_alpha, "orpo": 1.0}
     per_pair = torch.zeros_like(policy.chosen)
-    for loss_type, loss_weight in zip(loss_types, loss_weights):
+    for loss_type, loss_weight in zip(config.loss_types, config.loss_weights):
         term = weights * preference_loss(
             loss_type, policy.chosen, policy.rejected,
-            None if ref is None else ref.chosen, None if ref is None else ref.rejected, **options,
+            None if ref is None else ref.chosen, None if ref is None else ref.rejected, config,
+            chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
         )
         if loss_type in NLL_LOSS_TYPES:
             term = term + nll_weights[loss_type] * nll
         per_pair = per_pair + loss_weight * term
-    rpo_alpha = getattr(args, "rpo_alpha", None)
-    if rpo_alpha is not None:
-        per_pair = per_pair + rpo_alpha * nll
+    if config.rpo_alpha is not None:
+        per_pair = per_pair + config.rpo_alpha * nll
 
     chosen_rewards, rejected_rewards = preference_rewards(
         policy.chosen, policy.rejected, None if ref is None else ref.chosen, None if ref is None else ref.rejected,
-        beta=beta,
+        beta=config.beta,
     )
     return LossOutput(per_pair.mean(), per_pair, chosen_rewards, rejected_rewards)
 
 
 def needs_reference(args: Any) -> bool:
-    """Whether ``args`` needs reference log-probs (False for policy-only losses or ``reference_free``)."""
-    if getattr(args, "reference_free", False):
-        return False
-    return any(loss_type not in REFERENCE_FREE_LOSS_TYPES for loss_type in _loss_type_list(args))
+    """Whether a DPOConfig's losses need reference log-probs (see :attr:`LossConfig.needs_reference`)."""
+    return LossConfig.from_config(args).needs_reference
 
 
-def check_loss_options(
-    loss_type: str, *, beta: float, label_smoothing: float, f_divergence_type: str, discopop_tau: float
-) -> None:
+def check_loss_options(loss_type: str, config: LossConfig) -> None:
     """Raise ``ValueError`` naming the key when one loss type's options make its formula invalid."""
+    beta, label_smoothing, f_divergence_type = config.beta, config.label_smoothing, config.f_divergence_type
     if loss_type not in LOSS_TYPES:
         close = difflib.get_close_matches(str(loss_type), LOSS_TYPES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -404,25 +391,20 @@ def check_loss_options(
             f"f_divergence_type={f_divergence_type!r} is only supported for loss types "
             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}, not {loss_type!r}; use f_divergence_type='reverse_kl'"
         )
-    if loss_type == "discopop" and (not _finite(discopop_tau) or discopop_tau <= 0):
-        raise ValueError(f"discopop_tau must be a finite number > 0, got {discopop_tau!r}")
+    if loss_type == "discopop" and (not _finite(config.discopop_tau) or config.discopop_tau <= 0):
+        raise ValueError(f"discopop_tau must be a finite number > 0, got {config.discopop_tau!r}")
 
 
 def validate_loss_args(args: Any) -> None:
-    """Raise ``ValueError`` naming the config key for any invalid combination of loss settings.
+    """Raise ``ValueError`` naming the config key for any invalid combination of a DPOConfig's loss settings.
 
-    Reads only plain attributes, so ``DPOConfig.__post_init__`` can call it before anything loads.
+    The only check: ``DPOConfig.__post_init__`` calls it before anything loads.
     """
-    loss_types = _loss_type_list(args)
+    config = LossConfig.from_config(args)
+    loss_types = list(config.loss_types)
     for loss_type in loss_types:
-        check_loss_options(
-            loss_type,
-            beta=getattr(args, "beta", 0.1),
-            label_smoothing=getattr(args, "label_smoothing", 0.0),
-            f_divergence_type=getattr(args, "f_divergence_type", "reverse_kl"),
-            discopop_tau=getattr(args, "discopop_tau", 0.05),
-        )
-    loss_weights = getattr(args, "loss_weights", None)
+        check_loss_options(loss_type, config)
+    loss_weights = args.loss_weights
     if loss_weights is not None:
         if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(loss_types):
             raise ValueError(
@@ -431,39 +413,26 @@ def validate_loss_args(args: Any) -> None:
             )
         if not all(_finite(w) for w in loss_weights):
             raise ValueError(f"loss_weights must be finite numbers, got {loss_weights!r}")
-    if getattr(args, "label_smoothing", 0.0) > 0 and not LABEL_SMOOTHING_LOSS_TYPES.intersection(loss_types):
+    if config.label_smoothing > 0 and not LABEL_SMOOTHING_LOSS_TYPES.intersection(loss_types):
         raise ValueError(
             f"label_smoothing > 0 has no effect on loss_type={loss_types}; it is read by "
             f"{sorted(LABEL_SMOOTHING_LOSS_TYPES)}"
         )
-    if getattr(args, "use_weighting", False) and SORTING_LOSS_TYPES.intersection(loss_types):
+    if config.use_weighting and SORTING_LOSS_TYPES.intersection(loss_types):
         raise ValueError(
             "use_weighting=True (WPO) is not supported with loss_type 'aot' or 'aot_unpaired': they sort the "
             "batch, which would misalign the per-pair weights"
         )
-    for key, default in (("f_alpha_divergence_coef", 0.5), ("simpo_gamma", 0.5)):
-        if not _finite(getattr(args, key, default)):
-            raise ValueError(f"{key} must be a finite number, got {getattr(args, key)!r}")
-    for key, default in (("rpo_alpha", None), ("cpo_alpha", 1.0)):
-        value = getattr(args, key, default)
+    for key in ("f_alpha_divergence_coef", "simpo_gamma"):
+        if not _finite(getattr(config, key)):
+            raise ValueError(f"{key} must be a finite number, got {getattr(config, key)!r}")
+    for key in ("rpo_alpha", "cpo_alpha"):
+        value = getattr(config, key)
         if value is not None and (not _finite(value) or value < 0):
             raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-    ld_alpha = getattr(args, "ld_alpha", None)
+    ld_alpha = args.ld_alpha
     if ld_alpha is not None and (not _finite(ld_alpha) or not 0.0 <= ld_alpha <= 1.0):
         raise ValueError(f"ld_alpha must lie in [0, 1] (or be None), got {ld_alpha!r}")
-
-
-def _loss_type_list(args: Any) -> list[str]:
-    loss_type = getattr(args, "loss_type", "sigmoid")
-    if isinstance(loss_type, str):
-        return [loss_type]
-    if (
-        not isinstance(loss_type, Sequence)
-        or not loss_type
-        or not all(isinstance(name, str) for name in loss_type)
-    ):
-        raise ValueError(f"loss_type must be a loss name or a non-empty list of names, got {loss_type!r}")
-    return list(loss_type)
 
 
 def _finite(value: Any) -> bool:

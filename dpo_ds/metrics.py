@@ -72,11 +72,6 @@ class MeanAccumulator:
         sums = flat.tolist()
         return {n: (t / c if c else 0.0) for n, t, c in zip(names, sums[: len(names)], sums[len(names):])}
 
-    def reset(self) -> None:
-        """Forget everything added so far (call after each logging step)."""
-        self._totals.clear()
-        self._counts.clear()
-
 
 def pair_metrics(
     acc: MeanAccumulator, out: LossOutput, policy: PairLogps, prefix: str = "", weights: Optional[Tensor] = None

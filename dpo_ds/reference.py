@@ -1,6 +1,6 @@
 """Reference log-probs: where they come from, decided once per run by `build_reference`.
 
-- `Reference` (the base): none at all, for the reference-free losses; no
+- `NoReference` (the base): none at all, for the reference-free losses; no
   reference model is ever built.
 - `EngineReference`: a forward of an inference-only engine (ZeRO-3,
   parameters offloadable), under no_grad. With TR-DPO (`sync_ref_model`) its
@@ -31,8 +31,8 @@ from torch import Tensor
 
 from . import preemption
 from .builtin.model import cache_dir
-from .distributed import barrier as _barrier, on_cpu, rank as _rank, world_size as _world
-from .engines import build_reference_engine, load_for_engine, mix_weights, release_gathered, weights_digest
+from .distributed import barrier as _barrier, rank as _rank, world_size as _world
+from .engines import build_reference_engine, hf_deepspeed_config, mix_weights, release_gathered, weights_digest
 from .losses import PairLogps, needs_reference
 from .models import REFERENCE_ADAPTER, TRAINABLE_ADAPTER, is_peft_model
 from .ops import sequence_logps
@@ -72,11 +72,12 @@ def pair_logps(token_logps: Tensor, mask: Tensor, ld_alpha: Optional[float] = No
     return PairLogps(chosen, rejected, lc, lr, wc, wr)
 
 
-def _label_mask(inputs: dict) -> Tensor:
+def label_mask(inputs: dict) -> Tensor:
+    """The batch's completion mask at the label positions [2B, T-1]: which per-token log-probs are scored."""
     return inputs["completion_mask"][:, 1:].to(torch.float32)
 
 
-class Reference:
+class NoReference:
     """No reference model: the reference-free losses."""
 
     def pair_logps(self, inputs: dict, row_index: Optional[Tensor], split: str) -> Optional[PairLogps]:
@@ -93,7 +94,7 @@ class Reference:
         """Restore what `save` wrote (collective)."""
 
 
-class _OnlineReference(Reference):
+class _OnlineReference(NoReference):
     """A model forward per batch, in eval mode and without gradients.
 
     `engine` is a DeepSpeed engine around a PreferenceModel, or a bare PreferenceModel.
@@ -118,7 +119,7 @@ class _OnlineReference(Reference):
             self.engine.train(was_training)
 
     def pair_logps(self, inputs: dict, row_index: Optional[Tensor], split: str) -> PairLogps:
-        return pair_logps(self.token_logps(inputs), _label_mask(inputs), self.ld_alpha)
+        return pair_logps(self.token_logps(inputs), label_mask(inputs), self.ld_alpha)
 
     def identity(self) -> list[tuple[str, Any]]:
         """The (name, parameter) pairs this reference's values depend on: hashed into the cache key."""
@@ -197,7 +198,7 @@ class AdapterReference(_OnlineReference):
                 and (self.adapter is not None or "lora_" not in n)]
 
 
-class CachedReference(Reference):
+class CachedReference(NoReference):
     """Precomputed sequence log-probs, looked up by the rows' `row_index`.
 
     tables: split -> [rows, 2] float32 (chosen, rejected) at row_index, NaN where absent.
@@ -216,7 +217,7 @@ class CachedReference(Reference):
         if missing.any():
             raise RuntimeError(f"the reference cache {self.directories[split]} has no values for {split} rows "
                                f"{rows[missing].tolist()}")
-        mask = _label_mask(inputs)
+        mask = label_mask(inputs)
         values = values.to(mask.device)
         lc, lr = mask.sum(1).chunk(2)
         return PairLogps(values[:, 0], values[:, 1], lc, lr)
@@ -332,7 +333,7 @@ def precompute(source: _OnlineReference, dataset, directory: Path, batches: Call
             preemption.stop(f"stopped the reference precomputation into {directory}, the rows done so far saved")
         slots = mine[start:start + batch_size]
         inputs = batches([dataset[i if i >= 0 else 0] for i in slots])
-        out = pair_logps(source.token_logps(inputs), _label_mask(inputs), source.ld_alpha)
+        out = pair_logps(source.token_logps(inputs), label_mask(inputs), source.ld_alpha)
         real = torch.tensor([i >= 0 for i in slots])
         rows += [row_index[i] for i in slots if i >= 0]
         values.append(torch.stack([out.chosen, out.rejected], 1).cpu()[real])
@@ -382,10 +383,25 @@ def precomputed(source: _OnlineReference, args, splits: dict, batches: Callable[
 
 # ----------------------------------------------------------------------------- choosing
 
+def online_reference(engine, args) -> _OnlineReference:
+    """The reference read from `engine`'s model: with its adapters disabled when it is a LoRA model."""
+    if is_peft_model(engine.module.model):
+        return AdapterReference(engine, args.ld_alpha)
+    return EngineReference(engine, args.ld_alpha)
+
+
+def load_reference_engine(load_reference: Callable[[], Any], args, ref_ds_config: dict):
+    """`load_reference()`'s model in its own inference engine, loaded under the reference's ZeRO settings."""
+    zero3_settings = hf_deepspeed_config(ref_ds_config)  # kept alive while the model loads: a weak reference
+    engine = build_reference_engine(load_reference(), args, ref_ds_config)
+    del zero3_settings
+    return engine
+
+
 def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_config: dict,
                     splits: dict, batches: Callable[[list[dict]], dict],
                     batch_sizes: dict[str, int], separate_model: bool,
-                    image_settings: Optional[str] = None) -> tuple[Reference, Any]:
+                    image_settings: Optional[str] = None) -> tuple[NoReference, Any]:
     """The run's reference strategy and the reference engine it keeps alive (None when there is none).
 
     `load_reference()` loads the reference model (called only when one is
@@ -395,15 +411,11 @@ def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_conf
     loaded at all. ``image_settings``: see ``cache_key``.
     """
     if not needs_reference(args):
-        return Reference(), None
-    if is_peft_model(policy.module.model):
-        online, engine = AdapterReference(policy, args.ld_alpha), None
-    elif args.precompute_ref_log_probs and not separate_model:
-        online, engine = EngineReference(policy, args.ld_alpha), None
+        return NoReference(), None
+    if is_peft_model(policy.module.model) or (args.precompute_ref_log_probs and not separate_model):
+        online, engine = online_reference(policy, args), None
     else:
-        model, handle = load_for_engine(load_reference, ref_ds_config)
-        engine = build_reference_engine(model, args, ref_ds_config)
-        del handle
+        engine = load_reference_engine(load_reference, args, ref_ds_config)
         online = EngineReference(engine, args.ld_alpha, policy, args.ref_model_mixup_alpha,
                                  args.ref_model_sync_steps if args.sync_ref_model else 0)
     if not args.precompute_ref_log_probs:
@@ -412,55 +424,3 @@ def build_reference(args, policy, load_reference: Callable[[], Any], ref_ds_conf
     if engine is not None:
         engine.destroy()
     return cached, None
-
-
-def run_precompute(args) -> dict[str, Path]:
-    """`dpo-ds precompute-ref`: the reference pass of a training run, without the policy engine.
-
-    The reference is built as the run would build it (the model, or the LoRA
-    policy with its adapters disabled) in a ZeRO inference engine from
-    `ref_zero_stage`/`ref_offload`, and the cache lands where the run looks
-    for it. Collective: run it under the same launcher as training.
-    """
-    from transformers import AutoConfig
-
-    from .collate import PreferenceCollator
-    from .ds_config import load_deepspeed_config, reference_deepspeed_config
-    from .data import load_preference_data
-    from .models import adapter_base_path, disable_dropout, load_model, load_policy_model
-    from .models import reference_args, resolve_model_path
-    from .packing import inputs_for
-    from .vision import check_layout, is_processor, load_processing_class, processor_digest
-
-    processing = load_processing_class(args.model_name_or_path, args)
-    processor = processing if is_processor(processing) else None
-    if processor is not None:
-        check_layout(args)
-    tokenizer = processor.tokenizer if processor is not None else processing
-    data = load_preference_data(args, processing)
-    splits = {"train": data.train, **({"eval": data.eval} if data.eval is not None else {})}
-    source = resolve_model_path(args.ref_model_name_or_path or args.model_name_or_path)
-    hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(source) or source,
-                                                trust_remote_code=args.trust_remote_code).get_text_config(),
-                     "hidden_size", None)
-    ref_config = reference_deepspeed_config(args, load_deepspeed_config(args, _world(), hidden_size=hidden,
-                                                                        num_training_steps=1), on_cpu=on_cpu())
-
-    def load():
-        model = load_model(source, reference_args(args)) if args.ref_model_name_or_path \
-            else load_policy_model(source, args)
-        if args.disable_dropout:
-            disable_dropout(model)
-        return model
-
-    model, handle = load_for_engine(load, ref_config)
-    engine = build_reference_engine(model, args, ref_config)
-    online = AdapterReference(engine, args.ld_alpha) if is_peft_model(model) else EngineReference(engine, args.ld_alpha)
-    collator = PreferenceCollator(tokenizer.pad_token_id, padding_side=args.padding_side,
-                                  pad_to_multiple_of=args.pad_to_multiple_of, processor=processor)
-    cached = precomputed(online, args, splits, lambda rows: inputs_for(collator(rows), args, engine.device),
-                         {"train": args.per_device_train_batch_size, "eval": args.per_device_eval_batch_size},
-                         processor_digest(processor) if processor is not None else None)
-    engine.destroy()
-    del handle
-    return cached.directories

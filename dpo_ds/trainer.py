@@ -28,14 +28,14 @@ from .config import DPOConfig
 from .data import DataError, load_preference_data, prepare_dataset
 from .ds_config import load_deepspeed_config, reference_deepspeed_config
 from .distributed import on_cpu, rank as _rank, world_size as _world
-from .engines import (METRIC_SCHEDULERS, Engines, build_policy_engine, export_peft, load_for_engine, metric_scheduler,
-                      router_aux_loss_coef)
-from .losses import compute_loss
+from .engines import (METRIC_SCHEDULERS, Engines, build_policy_engine, export_peft, hf_deepspeed_config,
+                      metric_scheduler, router_aux_loss_coef)
+from .losses import LossConfig, compute_loss
 from .metrics import MeanAccumulator, MetricsSink, Throughput, pair_metrics, token_metrics
 from .models import (adapter_base_path, disable_dropout, is_peft_model, load_model, load_policy_model, load_tokenizer,
                      reference_args, resolve_model_path)
 from .packing import inputs_for
-from .reference import build_reference, pair_logps
+from .reference import build_reference, label_mask, load_reference_engine, online_reference, pair_logps, precomputed
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,18 @@ def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool, drop_last: 
     return order[rank::world]
 
 
+def rest_of_epoch(order: list[int], epoch_pairs: int, done: int, batch_size: int) -> list[int]:
+    """This rank's rows for the micro-batches left in the epoch.
+
+    `epoch_pairs` pairs (over all ranks) make the epoch's whole optimizer steps, of which `done` are
+    consumed; `order` (this rank's rows from `done` on) is cut to the micro-batches, of `batch_size` rows
+    per rank, that still fit, so every rank stops after the same micro-batch and the rows of a partial
+    last step are left out.
+    """
+    per_micro = batch_size * _world()
+    return order[: max(0, epoch_pairs - done) // per_micro * batch_size]
+
+
 class DPOTrainer:
     """TRL-style entry point: `DPOTrainer(model, args=DPOConfig(...), train_dataset=ds).train()`.
 
@@ -221,7 +233,69 @@ class DPOTrainer:
 
     def __init__(self, model=None, ref_model=None, args: Optional[DPOConfig] = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None):
-        self.args = args or DPOConfig()
+        self._set_up(args or DPOConfig(), model, train_dataset, eval_dataset, processing_class, peft_config)
+        a = self.args
+        ds_config = self._deepspeed_config()
+        # Kept alive while the policy loads and its engine is built: transformers holds it by a weak reference.
+        policy_zero_settings = hf_deepspeed_config(ds_config)
+        policy_model = self._load(self._model_source)
+        self.model = policy_model
+        self.loss_config = LossConfig.from_config(a)
+        self.aux_loss_coef = router_aux_loss_coef(a, policy_model)
+        policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
+
+        ref_source = ref_model if ref_model is not None else (
+            resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else self._model_source)
+        ref_ds = reference_deepspeed_config(a, ds_config, on_cpu=on_cpu())
+        self.reference, reference_engine = build_reference(
+            a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
+            separate_model=ref_model is not None or bool(a.ref_model_name_or_path),
+            **self._reference_data(policy.device))
+        # A reference model loads under its own ZeRO settings, which replace the policy's in transformers:
+        # the policy's become transformers' again, kept alive by Engines for the whole run.
+        del policy_zero_settings
+        self.engines = Engines(policy, reference_engine, ds_config, ref_ds if reference_engine is not None else None,
+                               hf_deepspeed_config(ds_config))
+        self.metric_scheduler = metric_scheduler(policy, a, ds_config)
+
+        # [tokens, pairs, squared sequence lengths] processed by this rank since the last log (padding excluded).
+        self.window = torch.zeros(3, dtype=torch.float64)
+        # Only an online reference (it holds a module) runs a forward per batch.
+        ref_module = getattr(self.reference, "module", None)
+        self.throughput = Throughput(self.model, getattr(ref_module, "model", None), a.gradient_checkpointing,
+                                     policy.device, a.peak_tflops)
+        # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
+        self.resumed_from: Optional[Path] = None  # rotation keeps it
+        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "skipped": 0,
+                      "best_metric": None, "best_model_checkpoint": None}
+        self._last_eval: dict = {}
+        self._best_metric_name, self._greater_is_better = _best_metric(a)
+        self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
+            if _rank() == 0 else None
+
+    @classmethod
+    def precompute_reference(cls, args: DPOConfig) -> dict[str, Path]:
+        """`dpo-ds precompute-ref`: this run's reference pass on its own; returns each split's cache directory.
+
+        The run's own set-up (data, tokenizer, DeepSpeed config, model loading), without the policy engine:
+        the reference (the model, or the LoRA policy with its adapters disabled) runs in a ZeRO inference
+        engine from `ref_zero_stage`/`ref_offload`, and the cache lands where training looks for it.
+        Collective: run it under the same launcher as training.
+        """
+        trainer = cls.__new__(cls)  # set up, but no engines
+        trainer._set_up(args, None, None, None, None, None)
+        separate = bool(args.ref_model_name_or_path)
+        source = resolve_model_path(args.ref_model_name_or_path) if separate else trainer._model_source
+        ref_ds = reference_deepspeed_config(args, trainer._deepspeed_config(), on_cpu=on_cpu())
+        engine = load_reference_engine(lambda: trainer._load(source, fresh=separate), args, ref_ds)
+        cached = precomputed(online_reference(engine, args), args, **trainer._reference_data(engine.device))
+        engine.destroy()
+        return cached.directories
+
+    # ----------------------------------------------------------------- setup
+    def _set_up(self, args: DPOConfig, model, train_dataset, eval_dataset, processing_class, peft_config) -> None:
+        """Everything before the engines: checks, seeds, tokenizer or processor, data, collator, step counts."""
+        self.args = args
         self.peft_config = peft_config
         a = self.args
         _check_strategies(a)
@@ -253,51 +327,30 @@ class DPOTrainer:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
         self.warmup_steps = a.get_warmup_steps(self.total_steps)
+        # A resolved path or an in-memory model: what the policy (and by default the reference) loads from.
+        self._model_source = model if not isinstance(model, str) else resolve_model_path(model)
 
-        load = model if not isinstance(model, str) else resolve_model_path(model)
+    def _deepspeed_config(self) -> dict:
+        """The run's DeepSpeed config, "auto" values filled from the model's hidden size and the step count."""
+        a, load = self.args, self._model_source
         hidden = None if isinstance(load, str) else getattr(load.config.get_text_config(), "hidden_size", None)
         if hidden is None:
             from transformers import AutoConfig
 
             hidden = getattr(AutoConfig.from_pretrained(adapter_base_path(load) or load, trust_remote_code=a
                                                         .trust_remote_code).get_text_config(), "hidden_size", None)
-        ds_config = load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
-        policy_model, handle = load_for_engine(lambda: self._load(load), ds_config)
-        self.model = policy_model
-        self.aux_loss_coef = router_aux_loss_coef(a, policy_model)
-        policy = build_policy_engine(policy_model, a, ds_config, self.total_steps, self.warmup_steps)
+        return load_deepspeed_config(a, _world(), hidden_size=hidden, num_training_steps=self.total_steps)
 
-        ref_source = ref_model if ref_model is not None else (
-            resolve_model_path(a.ref_model_name_or_path) if a.ref_model_name_or_path else load)
-        splits = {"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None else {})}
-        ref_ds = reference_deepspeed_config(a, ds_config, on_cpu=on_cpu())
-        self.reference, reference = build_reference(
-            a, policy, lambda: self._load(ref_source, fresh=True), ref_ds,
-            splits, lambda rows: inputs_for(self.collator(rows), a, policy.device),
-            {"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
-            separate_model=ref_model is not None or bool(a.ref_model_name_or_path),
-            image_settings=vision.processor_digest(self.processor) if self.processor is not None else None)
-        # The policy's ZeRO settings stay the ones transformers sees during training.
-        _, handle = load_for_engine(lambda: None, ds_config)
-        self.engines = Engines(policy, reference, ds_config, ref_ds if reference is not None else None, handle)
-        self.metric_scheduler = metric_scheduler(policy, a, ds_config)
+    def _reference_data(self, device) -> dict:
+        """What a reference pass reads (`build_reference`'s and `precomputed`'s keywords): the splits, their
+        rows as model inputs on `device`, the batch sizes and a vision model's image settings."""
+        a = self.args
+        return dict(splits={"train": self.train_data, **({"eval": self.eval_data} if self.eval_data is not None
+                                                         else {})},
+                    batches=lambda rows: inputs_for(self.collator(rows), a, device),
+                    batch_sizes={"train": a.per_device_train_batch_size, "eval": a.per_device_eval_batch_size},
+                    image_settings=vision.processor_digest(self.processor) if self.processor is not None else None)
 
-        # [tokens, pairs, squared sequence lengths] processed by this rank since the last log (padding excluded).
-        self.window = torch.zeros(3, dtype=torch.float64)
-        # Only an online reference (it holds a module) runs a forward per batch.
-        ref_module = getattr(self.reference, "module", None)
-        self.throughput = Throughput(self.model, getattr(ref_module, "model", None), a.gradient_checkpointing,
-                                     policy.device, a.peak_tflops)
-        # samples_in_epoch counts pairs over all ranks: it stays right when the world size changes.
-        self.resumed_from: Optional[Path] = None  # rotation keeps it
-        self.state = {"global_step": 0, "epoch": 0, "samples_in_epoch": 0, "num_tokens": 0, "skipped": 0,
-                      "best_metric": None, "best_model_checkpoint": None}
-        self._last_eval: dict = {}
-        self._best_metric_name, self._greater_is_better = _best_metric(a)
-        self.sink = MetricsSink(a.output_dir, a.report_to, run_name=a.run_name, config=a.to_dict()) \
-            if _rank() == 0 else None
-
-    # ----------------------------------------------------------------- setup
     def _datasets(self, train_dataset, eval_dataset):
         a = self.args
         processing = self.processor or self.tokenizer
@@ -342,8 +395,9 @@ class DPOTrainer:
         return model
 
     # ----------------------------------------------------------------- step
-    def _forward(self, batch: dict, weights: torch.Tensor, acc: MeanAccumulator, train: bool):
-        """Loss of one micro-batch; adds its metrics (weighted by `weights`, 0 for padding slots)."""
+    def _loss_and_metrics(self, batch: dict, weights: torch.Tensor, acc: MeanAccumulator, train: bool):
+        """Loss of one micro-batch (None when not `train`); adds its metrics to `acc` (weighted by `weights`,
+        0 for padding slots)."""
         a = self.args
         inputs = inputs_for(batch, a, self.engines.policy.device)
         # The reference first: an adapter-switching reference must not run between the policy's forward and backward.
@@ -351,9 +405,9 @@ class DPOTrainer:
         out = self.engines.policy(**inputs, with_stats=True, with_log_sum_sq_probs=a.use_weighting,
                                   with_aux_loss=bool(self.aux_loss_coef))
         out, aux_loss = out if self.aux_loss_coef else (out, None)
-        mask = inputs["completion_mask"][:, 1:].to(torch.float32)
+        mask = label_mask(inputs)
         pol = pair_logps(out.logps, mask, a.ld_alpha, out.log_sum_sq_probs)
-        loss_out = compute_loss(a, pol, ref)
+        loss_out = compute_loss(self.loss_config, pol, ref)
         self._add_metrics(acc, loss_out, pol, out, mask, weights)
         if aux_loss is not None:
             self._add_aux_loss(acc, aux_loss, weights)
@@ -387,7 +441,8 @@ class DPOTrainer:
             rejected_logit_sum=(rejected_logits * rw).sum(), rejected_count=rw.sum(),
         )
 
-    def _loader(self, data, indices: list[int], batch_size: int) -> DataLoader:
+    def _loader(self, data, indices: list[int], batch_size: int) -> tuple[DataLoader, tuple[torch.Tensor, ...]]:
+        """Batches of `indices` (-1: a padding slot, filled with row 0), and each batch's weights (0 for padding)."""
         real = [i if i >= 0 else 0 for i in indices]
         loader = DataLoader(Subset(data, real), batch_size=batch_size, collate_fn=self.collator, shuffle=False,
                             num_workers=self.args.dataloader_num_workers)
@@ -442,11 +497,11 @@ class DPOTrainer:
             done, per_micro = self.state["samples_in_epoch"], a.per_device_train_batch_size * _world()
             order = epoch_order(len(self.train_data), self.state["epoch"], self._data_seed, shuffle=True,
                                 drop_last=True, start=done)
-            order = order[: max(0, micro_per_epoch * per_micro - done) // per_micro * a.per_device_train_batch_size]
+            order = rest_of_epoch(order, micro_per_epoch * per_micro, done, a.per_device_train_batch_size)
             loader, weights = self._loader(self.train_data, order, a.per_device_train_batch_size)
             for batch, w in zip(loader, weights):
                 policy.train()
-                loss = self._forward(batch, w, acc, train=True)
+                loss = self._loss_and_metrics(batch, w, acc, train=True)
                 policy.backward(guard.watch(loss))
                 boundary = policy.is_gradient_accumulation_boundary()
                 if boundary:
@@ -631,7 +686,7 @@ class DPOTrainer:
             for batch, w in batches:
                 # Collective: a signal stops the evaluation at this batch on every rank, and saves the step.
                 preemption.stop_if_requested(self.state["global_step"], self.save, self.engines.policy.device)
-                self._forward(batch, w, acc, train=False)
+                self._loss_and_metrics(batch, w, acc, train=False)
         totals = acc.reduce()
         self.window.copy_(train_window)
         self.engines.policy.train()

@@ -229,3 +229,13 @@ def test_consumed_samples_resume_on_another_world_size(monkeypatch):
     # And back: 4 ranks resuming the same position deal the rest round-robin.
     four = orders(monkeypatch, 4, start=consumed)
     assert [row for group in zip(*four) for row in group] == perm[consumed:]
+
+
+def test_rest_of_epoch_keeps_the_micro_batches_that_still_fit(monkeypatch):
+    """An epoch of 2 steps x 2 micro-batches x 2 pairs x 2 ranks = 16 pairs: after 4 pairs, 3 micro-batches
+    (2 rows each on this rank) are left, whatever longer order the rank was given."""
+    monkeypatch.setattr(trainer, "_world", lambda: 2)
+    order = list(range(18))
+    assert trainer.rest_of_epoch(order, epoch_pairs=16, done=4, batch_size=2) == order[:6]
+    assert trainer.rest_of_epoch(order, epoch_pairs=16, done=14, batch_size=2) == []  # a partial micro-batch
+    assert trainer.rest_of_epoch(order, epoch_pairs=16, done=20, batch_size=2) == []

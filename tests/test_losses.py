@@ -3,18 +3,18 @@
 The reference below works on Python floats, one pair at a time, straight from the papers' equations;
 it shares no code with dpo_ds.losses.
 """
-import dataclasses
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dpo_ds.config import DPOConfig
 from dpo_ds.losses import (
     F_DIVERGENCE_LOSS_TYPES,
     LOSS_TYPES,
+    LossConfig,
     PairLogps,
-    RunningMean,
     compute_loss,
     needs_reference,
     preference_loss,
@@ -48,7 +48,7 @@ def smoothed(z, eps):
 
 
 def reference_losses(kind, pc, pr, rc, rr, lc, lr, beta=0.1, eps=0.0, fdiv="reverse_kl", alpha=0.5,
-                     tau=0.05, gamma=0.5, delta=0.0):
+                     tau=0.05, gamma=0.5):
     """Per-pair losses as lists of floats, one formula per paper."""
     n = len(pc)
     rw = [pc[i] - rc[i] for i in range(n)]
@@ -78,7 +78,7 @@ def reference_losses(kind, pc, pr, rc, rr, lc, lr, beta=0.1, eps=0.0, fdiv="reve
         elif kind == "robust":  # rDPO Eq. 8
             v = ((1 - eps) * -logsig(z) - eps * -logsig(-z)) / (1 - 2 * eps)
         elif kind == "bco_pair":
-            v = -logsig(beta * rw[i] - delta) - logsig(-(beta * rl[i] - delta))
+            v = -logsig(beta * rw[i]) - logsig(-beta * rl[i])
         elif kind == "sppo_hard":
             v = (rw[i] - 1 / (2 * beta)) ** 2 + (rl[i] + 1 / (2 * beta)) ** 2
         elif kind == "aot":
@@ -126,7 +126,8 @@ def lists(*tensors):
 
 
 def loss_of(kind, pc, pr, rc, rr, lc, lr, **kw):
-    return preference_loss(kind, pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, **kw)
+    return preference_loss(kind, pc, pr, rc, rr, loss_config(loss_type=kind, **kw), chosen_lengths=lc,
+                           rejected_lengths=lr)
 
 
 def assert_close(actual, expected, tol=1e-10):
@@ -190,26 +191,6 @@ def test_discopop_tau_and_simpo_gamma_options():
     assert_close(got, reference_losses("simpo", *lists(pc, pr, rc, rr, lc, lr), beta=2.0, gamma=1.3))
 
 
-def test_bco_delta_shifts_rewards():
-    pc, pr, rc, rr, lc, lr = make_pairs(seed=5)
-    for delta in (0.7, torch.tensor(-0.4, dtype=torch.float64)):
-        got = loss_of("bco_pair", pc, pr, rc, rr, lc, lr, beta=0.2, bco_delta=delta)
-        assert_close(got, reference_losses("bco_pair", *lists(pc, pr, rc, rr, lc, lr), beta=0.2, delta=float(delta)))
-
-
-def test_running_mean_is_the_mean_of_all_rewards_seen():
-    batches = [[0.5, -1.0, 2.0], [3.0], [], [-0.25, 0.75]]
-    running = RunningMean()
-    seen = []
-    for batch in batches:
-        seen += batch
-        got = running.update(sum(batch), len(batch))
-        expected = sum(seen) / len(seen)
-        assert got == pytest.approx(expected, abs=1e-15) and running.mean == got
-    assert running.count == 6
-    assert RunningMean(**dataclasses.asdict(running)) == running
-
-
 def test_reference_free_sigmoid_treats_reference_as_zero():
     pc, pr, rc, rr, lc, lr = make_pairs(seed=6)
     got = loss_of("sigmoid", pc, pr, None, None, lc, lr, reference_free=True)
@@ -231,7 +212,7 @@ def test_sigmoid_is_log2_when_policy_equals_reference():
     got = loss_of("sigmoid", pc, pr, pc.clone(), pr.clone(), lc, lr, beta=0.1)
     assert torch.all((got - math.log(2)).abs() < 1e-7)
     equal = torch.full((4,), -12.5, dtype=torch.float64)
-    got = preference_loss("sigmoid", equal, equal, equal, equal)
+    got = preference_loss("sigmoid", equal, equal, equal, equal, loss_config())
     assert torch.all((got - math.log(2)).abs() < 1e-7)
 
 
@@ -272,7 +253,8 @@ def test_zero_lengths_divide_by_one(kind):
 def test_orpo_is_finite_when_a_sequence_has_probability_one():
     zero = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     pr = torch.tensor([-1.0, 0.0], dtype=torch.float64)
-    loss = preference_loss("orpo", zero, pr, None, None, chosen_lengths=torch.ones(2), rejected_lengths=torch.ones(2))
+    loss = preference_loss("orpo", zero, pr, None, None, loss_config(), chosen_lengths=torch.ones(2),
+                           rejected_lengths=torch.ones(2))
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(zero.grad).all()
 
@@ -285,7 +267,7 @@ def test_length_normalized_losses_use_given_lengths(kind):
     assert_close(got, reference_losses(kind, *lists(pc, pr, rc, rr, longer, lr), beta=0.5))
     assert (got - loss_of(kind, pc, pr, rc, rr, lc, lr, beta=0.5)).abs().min() > 1e-6
     with pytest.raises(ValueError, match="lengths"):
-        preference_loss(kind, pc, pr, rc, rr)
+        preference_loss(kind, pc, pr, rc, rr, loss_config())
 
 
 def test_sft_is_batch_token_mean():
@@ -324,13 +306,13 @@ def test_gradcheck_f_divergence(fdiv):
 def test_shape_and_type_errors_name_the_argument():
     pc, pr, rc, rr, lc, lr = make_pairs()
     with pytest.raises(ValueError, match="ref_rejected_logps"):
-        preference_loss("sigmoid", pc, pr, rc, rr[:3])
+        preference_loss("sigmoid", pc, pr, rc, rr[:3], loss_config())
     with pytest.raises(ValueError, match="policy_chosen_logps"):
-        preference_loss("sigmoid", pc[None], pr, rc, rr)
+        preference_loss("sigmoid", pc[None], pr, rc, rr, loss_config())
     with pytest.raises(TypeError, match="chosen_lengths"):
-        preference_loss("ipo", pc, pr, rc, rr, chosen_lengths=[1] * 6, rejected_lengths=lr)
+        preference_loss("ipo", pc, pr, rc, rr, loss_config(), chosen_lengths=[1] * 6, rejected_lengths=lr)
     with pytest.raises(ValueError, match="loss_type"):
-        preference_loss("dpo", pc, pr, rc, rr)
+        preference_loss("dpo", pc, pr, rc, rr, loss_config())
 
 
 def test_rewards_are_detached_beta_logratios():
@@ -353,6 +335,10 @@ def config(**kw):
     return SimpleNamespace(**base)
 
 
+def loss_config(**kw):
+    return LossConfig.from_config(config(**kw))
+
+
 def pair_logps(seed=15, wpo=False):
     pc, pr, rc, rr, lc, lr = make_pairs(seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
@@ -363,7 +349,7 @@ def pair_logps(seed=15, wpo=False):
 
 def test_compute_loss_single_sigmoid():
     policy, ref = pair_logps()
-    out = compute_loss(config(beta=0.2), policy, ref)
+    out = compute_loss(loss_config(beta=0.2), policy, ref)
     expected = reference_losses("sigmoid", *lists(policy.chosen, policy.rejected, ref.chosen, ref.rejected,
                                                   policy.chosen_lengths, policy.rejected_lengths), beta=0.2)
     assert_close(out.per_pair, expected)
@@ -375,20 +361,20 @@ def test_compute_loss_single_sigmoid():
 
 def test_compute_loss_mpo_weighted_sum():
     policy, ref = pair_logps(seed=16)
-    args = config(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
+    args = loss_config(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
     out = compute_loss(args, policy, ref)
     inputs = lists(policy.chosen, policy.rejected, ref.chosen, ref.rejected, policy.chosen_lengths,
                    policy.rejected_lengths)
-    parts = [reference_losses(k, *inputs) for k in args.loss_type]
+    parts = [reference_losses(k, *inputs) for k in args.loss_types]
     expected = [0.8 * a + 0.2 * b + 1.0 * c for a, b, c in zip(*parts)]
     assert_close(out.per_pair, expected)
-    default_weights = compute_loss(config(loss_type=["sigmoid", "bco_pair"]), policy, ref)
+    default_weights = compute_loss(loss_config(loss_type=["sigmoid", "bco_pair"]), policy, ref)
     assert_close(default_weights.per_pair, [a + b for a, b in zip(parts[0], parts[1])])
 
 
 def test_compute_loss_rpo_alpha_adds_chosen_nll():
     policy, ref = pair_logps(seed=17)
-    out = compute_loss(config(rpo_alpha=0.5), policy, ref)
+    out = compute_loss(loss_config(rpo_alpha=0.5), policy, ref)
     inputs = lists(policy.chosen, policy.rejected, ref.chosen, ref.rejected, policy.chosen_lengths,
                    policy.rejected_lengths)
     nll = [-c / n for c, n in zip(inputs[0], inputs[4])]
@@ -401,7 +387,7 @@ def test_compute_loss_wpo_weights_are_unclamped_and_detached():
     policy.chosen_wpo[0] = 1.0  # exp(1 + 0.5) = 4.48: kept, as TRL keeps it
     policy.rejected_wpo[0] = 0.5
     policy.chosen_wpo.requires_grad_()
-    out = compute_loss(config(use_weighting=True, rpo_alpha=0.1), policy, ref)
+    out = compute_loss(loss_config(use_weighting=True, rpo_alpha=0.1), policy, ref)
     inputs = lists(policy.chosen, policy.rejected, ref.chosen, ref.rejected, policy.chosen_lengths,
                    policy.rejected_lengths)
     weights = [math.exp(a) * math.exp(b) for a, b in zip(policy.chosen_wpo.tolist(), policy.rejected_wpo.tolist())]
@@ -412,13 +398,13 @@ def test_compute_loss_wpo_weights_are_unclamped_and_detached():
     out.loss.backward()
     assert policy.chosen_wpo.grad is None
     with pytest.raises(ValueError, match="chosen_wpo"):
-        compute_loss(config(use_weighting=True), pair_logps()[0], ref)
+        compute_loss(loss_config(use_weighting=True), pair_logps()[0], ref)
 
 
 @pytest.mark.parametrize("kind,nll_weight", [("cpo", 0.3), ("simpo", 0.3), ("orpo", 1.0)])
 def test_compute_loss_cpo_simpo_orpo_nll_terms(kind, nll_weight):
     policy, _ = pair_logps(seed=19)
-    out = compute_loss(config(loss_type=kind, cpo_alpha=0.3, beta=0.2), policy, None)
+    out = compute_loss(loss_config(loss_type=kind, cpo_alpha=0.3, beta=0.2), policy, None)
     inputs = lists(policy.chosen, policy.rejected, policy.chosen, policy.rejected, policy.chosen_lengths,
                    policy.rejected_lengths)
     nll = [-c / n for c, n in zip(inputs[0], inputs[4])]
@@ -429,26 +415,18 @@ def test_compute_loss_cpo_simpo_orpo_nll_terms(kind, nll_weight):
 
 def test_compute_loss_reference_free_ignores_given_reference():
     policy, ref = pair_logps(seed=20)
-    with_ref = compute_loss(config(reference_free=True), policy, ref)
-    without = compute_loss(config(reference_free=True), policy, None)
+    with_ref = compute_loss(loss_config(reference_free=True), policy, ref)
+    without = compute_loss(loss_config(reference_free=True), policy, None)
     torch.testing.assert_close(with_ref.per_pair, without.per_pair)
     zeros = [0.0] * 6
     inputs = lists(policy.chosen, policy.rejected)
     assert_close(without.per_pair, reference_losses("sigmoid", *inputs, zeros, zeros, zeros, zeros))
 
 
-def test_compute_loss_passes_bco_delta():
-    policy, ref = pair_logps(seed=21)
-    out = compute_loss(config(loss_type="bco_pair"), policy, ref, bco_delta=0.3)
-    inputs = lists(policy.chosen, policy.rejected, ref.chosen, ref.rejected, policy.chosen_lengths,
-                   policy.rejected_lengths)
-    assert_close(out.per_pair, reference_losses("bco_pair", *inputs, delta=0.3))
-
-
 def test_compute_loss_without_needed_reference_raises():
     policy, _ = pair_logps()
     with pytest.raises(ValueError, match="reference"):
-        compute_loss(config(loss_type=["sigmoid", "sft"]), policy, None)
+        compute_loss(loss_config(loss_type=["sigmoid", "sft"]), policy, None)
 
 
 def test_needs_reference():
@@ -489,7 +467,17 @@ def test_invalid_combinations_raise_naming_the_key(overrides, key):
 
 def test_valid_combinations_pass():
     validate_loss_args(config())
-    validate_loss_args(SimpleNamespace())  # all defaults
+    validate_loss_args(DPOConfig())  # all defaults
     validate_loss_args(config(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]))
     validate_loss_args(config(loss_type="exo_pair", label_smoothing=1e-3, f_divergence_type="alpha_divergence"))
     validate_loss_args(config(loss_type="robust", label_smoothing=0.4, rpo_alpha=0.5, ld_alpha=0.5))
+
+
+def test_loss_config_copies_every_field_from_the_dpo_config():
+    args = DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[0.5, 2.0], beta=0.3, rpo_alpha=0.2)
+    got = LossConfig.from_config(args)
+    assert got.loss_types == ("sigmoid", "sft") and got.loss_weights == (0.5, 2.0)
+    for name in ("beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef", "discopop_tau",
+                 "simpo_gamma", "cpo_alpha", "rpo_alpha", "reference_free", "use_weighting"):
+        assert getattr(got, name) == getattr(args, name), name
+    assert LossConfig.from_config(DPOConfig(loss_type="ipo")).loss_weights == (1.0,)

@@ -4,8 +4,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from dpo_ds.collate import PreferenceCollator
+from dpo_ds.config import DPOConfig
 from dpo_ds.engines import PreferenceModel
-from dpo_ds.losses import compute_loss
+from dpo_ds.losses import LossConfig, compute_loss
 from dpo_ds.packing import attention_mask_4d, model_inputs
 from dpo_ds.reference import pair_logps
 
@@ -54,7 +55,7 @@ def test_packed_layouts_give_the_padded_logps_and_loss(kind, attn, side):
     expected = alone_logps(model, rows)
     for i, want in enumerate(expected):
         torch.testing.assert_close(padded.logps[i][mask[i] > 0].double(), want, atol=1e-5, rtol=0)
-    args = type("Args", (), {"beta": 0.1, "loss_type": "sigmoid"})()
+    args = LossConfig.from_config(DPOConfig())
     ref = pair_logps(padded.logps.detach() * 0.9, mask)
     padded_loss = compute_loss(args, pair_logps(padded.logps, mask), ref)
     for layout in ("padding_free", "prefix_sharing"):

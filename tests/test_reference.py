@@ -24,7 +24,7 @@ from dpo_ds.collate import PreferenceCollator  # noqa: E402
 from dpo_ds.config import DPOConfig  # noqa: E402
 from dpo_ds.engines import PreferenceModel, mix_weights, release_gathered, weights_digest  # noqa: E402
 from dpo_ds.packing import model_inputs  # noqa: E402
-from dpo_ds.reference import (CachedReference, EngineReference, Reference, build_reference,  # noqa: E402
+from dpo_ds.reference import (CachedReference, EngineReference, NoReference, build_reference,  # noqa: E402
                               cache_key, dataset_fingerprint, load_table, precompute)
 from test_packing import alone_logps, random_rows, tiny  # noqa: E402
 from test_trainer import ENV, write_learnable_data  # noqa: E402
@@ -45,7 +45,7 @@ def test_reference_free_losses_never_build_a_reference(kw):
     args = DPOConfig(**kw)
     strategy, engine = build_reference(args, policy=None, load_reference=forbidden, ref_ds_config={},
                                        splits={}, batches=forbidden, batch_sizes={}, separate_model=False)
-    assert type(strategy) is Reference and engine is None
+    assert type(strategy) is NoReference and engine is None
     assert strategy.pair_logps({}, None, "train") is None
 
 
@@ -222,7 +222,6 @@ def probe(model_dir: str, data: str, out: str) -> None:
     import deepspeed
 
     from dpo_ds import distributed
-    from dpo_ds.reference import run_precompute
     from dpo_ds.trainer import DPOTrainer
 
     def config(name: str, **kw) -> DPOConfig:
@@ -249,8 +248,9 @@ def probe(model_dir: str, data: str, out: str) -> None:
     # training run below must then find every value cached: same key from its own policy engine, nothing
     # recomputed. That run trains on prefix-shared batches: its losses must still be the padded online run's.
     cache = f"{out}/cache"
-    directories = run_precompute(config("cli", precompute_ref_log_probs=True, precompute_ref_batch_size=3,
-                                        ref_cache_dir=cache, packing=True))
+    directories = DPOTrainer.precompute_reference(config("cli", precompute_ref_log_probs=True,
+                                                         precompute_ref_batch_size=3, ref_cache_dir=cache,
+                                                         packing=True))
     parts = sorted(Path(cache).glob("*/part-*.pt"))
     stamps = [p.stat().st_mtime_ns for p in parts]
     before = models()

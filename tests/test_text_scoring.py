@@ -15,7 +15,7 @@ from dpo_ds.config import ConfigError, DPOConfig
 from dpo_ds.data import GENERATION_TEMPLATE, DataError, load_preference_data
 from dpo_ds.models import load_tokenizer
 from dpo_ds.engines import PreferenceModel
-from dpo_ds.losses import LOSS_TYPES, compute_loss
+from dpo_ds.losses import LOSS_TYPES, LossConfig, compute_loss
 from dpo_ds.packing import layout_name, model_inputs
 from dpo_ds.reference import pair_logps
 from test_packing import random_rows, tiny
@@ -261,8 +261,8 @@ def test_packed_and_padded_batches_give_the_same_losses_with_loss_masks(side):
         for case in LOSS_CASES:
             args = DPOConfig(**case)
             ref = pair_logps(padded.detach() * 0.9, mask, args.ld_alpha)
-            want = compute_loss(args, pair_logps(padded, mask, args.ld_alpha), ref).per_pair
-            got = compute_loss(args, pair_logps(packed, mask, args.ld_alpha), ref).per_pair
+            want = compute_loss(LossConfig.from_config(args), pair_logps(padded, mask, args.ld_alpha), ref).per_pair
+            got = compute_loss(LossConfig.from_config(args), pair_logps(packed, mask, args.ld_alpha), ref).per_pair
             torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=f"{layout} {case}")
 
 
@@ -298,7 +298,7 @@ def test_every_loss_type_trains_on_assistant_tokens_only(loss_type, assistant_on
     pol = pair_logps(token_logps, mask)
     assert pol.chosen_lengths.tolist() == report.chosen_scored_lengths
     assert pol.rejected_lengths.tolist() == report.rejected_scored_lengths
-    loss = compute_loss(args, pol, pair_logps(assistant_only_logps, mask)).per_pair.mean()
+    loss = compute_loss(LossConfig.from_config(args), pol, pair_logps(assistant_only_logps, mask)).per_pair.mean()
     assert torch.isfinite(loss)
     loss.backward()
     assert token_logps.grad[mask == 0].abs().max() == 0 and token_logps.grad[mask > 0].abs().max() > 0

@@ -279,8 +279,9 @@ def test_packing_and_prefix_sharing_are_refused_before_any_model_loads(llava, la
 
 
 def test_precompute_command_refuses_packing_for_a_vision_model(llava):
-    from dpo_ds.reference import run_precompute
+    from dpo_ds.trainer import DPOTrainer
 
     path, _ = llava
     with pytest.raises(ValueError, match="padding_free is not supported for vision-language models"):
-        run_precompute(DPOConfig(model_name_or_path=path, padding_free=True, precompute_ref_log_probs=True))
+        DPOTrainer.precompute_reference(DPOConfig(model_name_or_path=path, padding_free=True,
+                                                  precompute_ref_log_probs=True))

@@ -36,6 +36,7 @@ from .models import (adapter_base_path, disable_dropout, is_peft_model, load_mod
                      reference_args, resolve_model_path)
 from .packing import inputs_for
 from .reference import build_reference, label_mask, load_reference_engine, online_reference, pair_logps, precomputed
+from .trl_fields import no_effect_note
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,9 @@ class DPOTrainer:
         self.peft_config = peft_config
         a = self.args
         _check_strategies(a)
+        if _rank() == 0:  # TRL keys this config sets that do nothing here: one line each, with the reason
+            for key in a.no_effect_keys:
+                logger.warning("%s", no_effect_note(key, getattr(a, key)))
         seed_everything(a.seed)
         self._data_seed = a.seed if a.data_seed is None else a.data_seed
         _set_tf32(a.tf32)
@@ -756,8 +760,8 @@ class DPOTrainer:
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "default.yaml"
 
 
-def resolve_config(argv: list[str]) -> tuple[DPOConfig, dict[str, str], list[str]]:
-    """(config, where each value came from, warnings about keys without effect) of a train.py command line.
+def resolve_config(argv: list[str]) -> tuple[DPOConfig, dict[str, str]]:
+    """(config, where each value came from) of a train.py command line.
 
     The embedded default (examples/default.yaml) applies only to a command line with no run
     arguments, launcher arguments (--local_rank) aside; otherwise unset keys keep DPOConfig's defaults.
@@ -768,9 +772,8 @@ def resolve_config(argv: list[str]) -> tuple[DPOConfig, dict[str, str], list[str
     launcher.add_argument("--local_rank", "--local-rank")
     if not launcher.parse_known_args(argv)[1]:
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    parser = ConfigParser(prog="train.py")
-    config, sources, _ = parser.parse(argv)
-    return config, sources, parser.notes
+    config, sources, _ = ConfigParser(prog="train.py").parse(argv)
+    return config, sources
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -790,12 +793,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     from .parser import describe
 
     try:
-        args, sources, notes = resolve_config(list(sys.argv[1:] if argv is None else argv))
+        args, sources = resolve_config(list(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         print(f"dpo_ds: config error: {e}", file=sys.stderr)
         return 2
     if _rank() == 0:
-        print("\n".join([describe(args, sources), *(f"dpo_ds: warning: {n}" for n in notes)]), flush=True)
+        print(describe(args, sources), flush=True)  # the trainer warns about keys without effect
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # DeepSpeed's ZeRO-3 calls torch's deprecated collective names on every step: one line each, no signal.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated")

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_run_arguments_without_config_keep_dpoconfig_defaults():
-    config, sources, _ = resolve_config(["--model_name_or_path", "X", "--dataset_name", "Y"])
+    config, sources = resolve_config(["--model_name_or_path", "X", "--dataset_name", "Y"])
     assert config == DPOConfig(model_name_or_path="X", dataset_name="Y")
     assert config.max_length == 1024 and config.max_prompt_length is None and config.max_steps == -1
     changed = {k for k, v in sources.items() if v != "default"}
@@ -25,7 +25,7 @@ def test_run_arguments_without_config_keep_dpoconfig_defaults():
 def test_no_run_arguments_is_the_embedded_default():
     embedded = yaml.safe_load(DEFAULT_CONFIG.read_text())
     for argv in ([], ["--local_rank=0"], ["--local-rank", "1"]):
-        config, sources, _ = resolve_config(argv)
+        config, sources = resolve_config(argv)
         assert config == dataclasses.replace(DPOConfig(), **embedded), argv
         assert {k for k, v in sources.items() if v != "default"} == set(embedded)
         assert sources["max_steps"] == str(DEFAULT_CONFIG)

@@ -49,7 +49,8 @@ def test_trl_docstring_command_line_runs(launcher, which, tmp_path, tiny_model_d
                "--master_port", str(29600 + os.getpid() % 1000), str(ROOT / "launch" / "train.py"), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "remove_unused_columns=False (command line) has no effect in dpo_ds" in proc.stdout
+    assert "  remove_unused_columns: False  (command line)" in proc.stdout  # the resolved config, then why
+    assert "remove_unused_columns=False has no effect in dpo_ds" in proc.stdout + proc.stderr
     assert "  learning_rate: 5e-0" in proc.stdout and "(command line)" in proc.stdout
     out = tmp_path / args[args.index("--output_dir") + 1]  # TRL's relative output_dir, unchanged
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,21 +1,24 @@
 """Resume a checkpoint on another ZeRO stage or another number of ranks: DeepSpeed's universal format.
 
-DeepSpeed's `load_checkpoint` only reads the optimizer shards of the ZeRO stage and the number of
-data-parallel ranks that wrote them. When `checkpoint.load` finds the checkpoint's layout (its COMPLETE
-marker records both) differs from the engine's -- a run moved from 2 ranks to 1, from ZeRO-3 to stage
-0, or from stage 0 to ZeRO-2 -- it calls `load_converted`, which converts the checkpoint once into
-`<checkpoint>/universal` (one file per parameter and optimizer state: DeepSpeed's universal checkpoint
-layout, with a COMPLETE marker of its own) and loads it from there:
+Why: a job requeued on fewer nodes, or rerun under another ZeRO config to fit memory, must continue
+from its last checkpoint, but DeepSpeed's `load_checkpoint` only reads optimizer shards on the ZeRO
+stage and the number of data-parallel ranks that wrote them.
+
+When: `checkpoint.load` compares the layout the checkpoint's COMPLETE marker records with the
+engine's; only when they differ (2 ranks -> 1, ZeRO-3 -> stage 0, stage 0 -> ZeRO-2, ...) does it
+call `load_converted`, which converts the checkpoint once into `<checkpoint>/universal` (one file per
+parameter and optimizer state, with a COMPLETE marker of its own; a later resume reuses it) and
+loads from there:
 
 - a ZeRO checkpoint is converted by DeepSpeed's `ds_to_universal`, run in a subprocess;
 - a replicated one (stage 0, fp32: whole weights and a torch optimizer's state keyed by position, see
   `checkpoint.OPTIMIZER_PARAM_NAMES`) by `_replicated_to_universal`, which writes the same layout;
-- ZeRO engines load the universal format themselves (`load_universal_checkpoint`); a stage-0 fp32 engine,
-  which DeepSpeed cannot load it into, through `_load_universal_replicated`.
+- ZeRO engines load the universal format themselves (`load_universal_checkpoint`); a stage-0 fp32
+  engine, into which DeepSpeed cannot load it, goes through `_load_universal_replicated`.
 
 This writes DeepSpeed's private file layout and sets engine internals (`_config.load_universal_checkpoint`,
-`global_steps`, `skipped_steps`), so a DeepSpeed upgrade is checked here first: tests/test_checkpoint_convert.py
-round-trips the states in-process.
+`global_steps`, `skipped_steps`): after a DeepSpeed upgrade, run tests/test_checkpoint_convert.py first,
+which round-trips the states in-process in seconds.
 """
 from __future__ import annotations
 

@@ -12,13 +12,10 @@ state. `output_dir/latest` names the newest
 complete checkpoint and is replaced atomically, so an interrupted save never
 becomes the one a resume picks.
 
-A checkpoint resumes on any number of ranks and any ZeRO stage: when its
-layout differs from the engine's, it goes through DeepSpeed's universal format
-(`<checkpoint>/universal`: one file per parameter and optimizer state, with a
-marker of its own, not listed in the checkpoint's). A
-stage-0 fp32 (replicated) checkpoint is converted by `_replicated_to_universal`,
-any other by DeepSpeed's `ds_to_universal`; DeepSpeed's engines load the
-universal format themselves, except a replicated one: `_load_universal_replicated`.
+A checkpoint resumes on any number of ranks and any ZeRO stage: `load` reads one
+of the same layout directly and hands any other to `dpo_ds.convert`, which goes
+through DeepSpeed's universal format (`<checkpoint>/universal`, derived, with a
+marker of its own, not listed in the checkpoint's).
 """
 from __future__ import annotations
 
@@ -30,8 +27,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -95,7 +90,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     """Write, fsync, rename over `path`, fsync the directory: after a crash, the old text or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
@@ -200,7 +195,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, save_tot
         if _rank() == 0 and is_replicated(engine) and not model_only:
             # A replicated optimizer's state is keyed by position: keep the names to convert it later.
             path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path / OPTIMIZER_PARAM_NAMES, json.dumps(optimizer_param_names(engine)))
+            atomic_write(path / OPTIMIZER_PARAM_NAMES, json.dumps(optimizer_param_names(engine)))
         if not model_only:
             engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
         _barrier()
@@ -214,7 +209,7 @@ def save(engine, output_dir: str | Path, step: int, client_state: dict, save_tot
             if model_only:
                 marker[MODEL_ONLY] = True
             write_marker(path, marker, digests)
-            _atomic_write(root / "latest", tag)
+            atomic_write(root / "latest", tag)
             rotate(root, save_total_limit, best, keep)
     except Exception as err:
         raise_if_no_space(err, path)
@@ -241,7 +236,7 @@ def write_marker(path: Path, fields: dict, digests: Optional[dict] = None) -> No
         digests = {rel: _file_digest(path / rel) for rel in files}
     for folder in sorted({(path / rel).parent for rel in files}, reverse=True):
         _fsync(folder)
-    _atomic_write(path / COMPLETE, json.dumps({**fields, "files": digests}))
+    atomic_write(path / COMPLETE, json.dumps({**fields, "files": digests}))
 
 
 def last_complete(output_dir: str | Path) -> str:
@@ -253,8 +248,7 @@ def last_complete(output_dir: str | Path) -> str:
 def verify(path: str | Path) -> Optional[str]:
     """Why `path` is not a usable checkpoint, naming the file; None when every file matches its marker.
 
-    Collective under a process group (the checksums are dealt over the ranks). A marker from before
-    markers listed the files has nothing to check against: accepted.
+    Collective under a process group (the checksums are dealt over the ranks).
     """
     path = Path(path)
     marker_file = path / COMPLETE
@@ -265,8 +259,8 @@ def verify(path: str | Path) -> Optional[str]:
     except ValueError:
         return f"{marker_file} is not valid JSON"
     files = marker.get("files")
-    if files is None:
-        return None
+    if not isinstance(files, dict):
+        return f"{marker_file} lists no files to check (not a marker this version writes)"
     for rel, (size, _) in sorted(files.items()):
         file = path / rel
         if not file.is_file():
@@ -347,61 +341,45 @@ def set_aside_newer(output_dir: str | Path, resumed: Optional[Path]) -> None:
     _barrier()
 
 
+
 def load(engine, path: Path) -> dict[str, Any]:
     """Restore model, optimizer and scheduler states; returns this rank's client state.
 
-    A checkpoint written by another number of data-parallel ranks or another ZeRO
-    stage is converted to DeepSpeed's universal format (once, kept in
-    `<checkpoint>/universal`) and loaded from there: ZeRO optimizer shards only
-    load on the world size and stage that wrote them.
+    A checkpoint written by another number of data-parallel ranks or another ZeRO stage goes through
+    `dpo_ds.convert` (DeepSpeed's universal format): ZeRO optimizer shards only load on the world size
+    and stage that wrote them.
     """
-    saved_stage, saved_world = saved_layout(path)
-    if saved_stage is None:  # written before the marker recorded the layout
-        same_layout = saved_world in (None, world_size())
-    elif is_replicated_checkpoint(path):  # loads on any number of stage-0 ranks
-        same_layout = engine.zero_optimization_stage() == 0
-    else:
-        same_layout = (saved_stage, saved_world) == (engine.zero_optimization_stage(), world_size())
-    if same_layout:
+    if same_layout(engine, path):
         with safe_loading():
             _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    elif is_replicated_checkpoint(path) and not (path / OPTIMIZER_PARAM_NAMES).exists():
-        # Every rank refuses, before rank 0 would start a conversion the others wait for.
-        raise RuntimeError(f"{path} is a stage-0 checkpoint of a bf16/fp16 run (or from before dpo_ds recorded "
-                           "its optimizer's parameter names): its optimizer state has no converter to ZeRO's "
-                           "layout, so it resumes only on stage 0")
-    elif is_replicated(engine):
-        client_state = _load_universal_replicated(engine, to_universal(path))
-    elif not hasattr(engine.optimizer, "load_hp_checkpoint_state_from_checkpoint_dir"):
-        # DeepSpeed's FP16_Optimizer (fp16, and bf16 on CPU, at stage 0) has no universal loader.
-        raise RuntimeError(f"{path} was written under ZeRO-{saved_stage} on {saved_world} ranks: this engine's "
-                           f"{type(engine.optimizer).__name__} cannot load it; resume with a ZeRO config or in fp32")
     else:
-        universal = to_universal(path)
-        # DeepSpeed reads this flag only while loading; set it for this load alone.
-        engine._config.load_universal_checkpoint = True
-        try:
-            with safe_loading():
-                _, client_state = engine.load_checkpoint(str(path), tag=universal.name)
-        finally:
-            engine._config.load_universal_checkpoint = False
+        from .convert import load_converted  # convert builds on this module: imported here, not at the top
+
+        client_state = load_converted(engine, path)
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
     return client_state
 
 
-def saved_layout(path: Path) -> tuple[Optional[int], Optional[int]]:
-    """(ZeRO stage, number of ranks) that wrote a checkpoint. Checkpoints from before the marker recorded
-    them: (None, number of ZeRO optimizer shards), or (None, None) without ZeRO shards."""
-    marker = json.loads((Path(path) / COMPLETE).read_text() or "{}")
-    if "zero_stage" in marker:
-        return int(marker["zero_stage"]), int(marker["world_size"])
-    shards = len(list(Path(path).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
-    return None, shards or None
+def same_layout(engine, path: Path) -> bool:
+    """Whether `engine` loads `path` as it was written: a replicated checkpoint into any stage-0 engine,
+    any other into an engine of the same ZeRO stage on the same number of ranks."""
+    if is_replicated_checkpoint(path):
+        return engine.zero_optimization_stage() == 0
+    return saved_layout(path) == (engine.zero_optimization_stage(), world_size())
+
+
+def saved_layout(path: Path) -> tuple[int, int]:
+    """(ZeRO stage, number of ranks) that wrote a checkpoint, from its COMPLETE marker."""
+    marker_file = Path(path) / COMPLETE
+    marker = json.loads(marker_file.read_text() or "{}")
+    if "zero_stage" not in marker or "world_size" not in marker:
+        raise CheckpointError(f"{marker_file} records no zero_stage and world_size: not a dpo_ds checkpoint marker")
+    return int(marker["zero_stage"]), int(marker["world_size"])
 
 
 OPTIMIZER_PARAM_NAMES = "optimizer_param_names.json"
-_MODEL_STATES = "mp_rank_00_model_states.pt"
+MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def is_replicated(engine) -> bool:
@@ -422,115 +400,10 @@ def optimizer_param_names(engine) -> list[str]:
     return [names[id(p)] for group in engine.optimizer.param_groups for p in group["params"]]
 
 
-def to_universal(path: Path, workers: int = 2) -> Path:
-    """Rank 0 converts `path` to the universal format unless done before; the other ranks wait for its
-    marker (a conversion of a large model may outlast any collective timeout)."""
-    out = Path(path) / UNIVERSAL
-    if _rank() == 0 and not (out / COMPLETE).exists():
-        shutil.rmtree(out, ignore_errors=True)
-        if is_replicated_checkpoint(path):
-            _replicated_to_universal(Path(path), out)
-        else:
-            _zero_to_universal(Path(path), out, workers)
-        _atomic_write(out / COMPLETE, json.dumps({"from": str(path)}))
-    wait_for_rank0(out / COMPLETE, f"the universal conversion of {path}")
-    return out
-
-
-def _zero_to_universal(path: Path, out: Path, workers: int) -> None:
-    # DeepSpeed's converter, its forked workers too, under safe_loading. Imported, not run as __main__: its
-    # process-pool workers pickle its functions by module name.
-    run = ("import sys\nfrom deepspeed.checkpoint import ds_to_universal as convert\n"
-           "from dpo_ds.checkpoint import safe_loading\nsys.argv[0] = 'ds_to_universal'\n"
-           "with safe_loading():\n    convert.main(convert.parse_arguments())")
-    cmd = [sys.executable, "-c", run, "--input_folder", str(path),
-           "--output_folder", str(out), "--num_extract_workers", str(workers),
-           "--num_merge_workers", str(workers), "--inject_missing_state"]
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"converting {path} to a universal checkpoint failed ({' '.join(cmd)}):\n"
-                           f"{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
-
-
-def _load(file: Path) -> Any:
+def read_state(file: Path) -> Any:
     """`torch.load` on the CPU, weights only, with the allowlist of DeepSpeed's types."""
     with safe_loading():
         return torch.load(file, map_location="cpu")
-
-
-def _replicated_to_universal(path: Path, out: Path) -> None:
-    """A stage-0 checkpoint (whole weights and a torch optimizer's state in one file) in the layout
-    `ds_to_universal` writes: `zero/<param>/{fp32,exp_avg,exp_avg_sq,step}.pt`, the global optimizer
-    state in `zero/optimizer_state.pt`, and the model-states file under both ZeRO names."""
-    states = _load(path / _MODEL_STATES)
-    names, optimizer = json.loads((path / OPTIMIZER_PARAM_NAMES).read_text()), states["optimizer"]
-    step = None
-    for index, name in enumerate(names):
-        weight = states["module"][name].float()
-        state = optimizer["state"].get(index, {})
-        folder = out / "zero" / name
-        folder.mkdir(parents=True)
-        torch.save({"param": weight}, folder / "fp32.pt")
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.save({"param": state.get(key, torch.zeros_like(weight)).float()}, folder / f"{key}.pt")
-        step = state.get("step", step)
-        if step is not None:
-            torch.save(step, folder / "step.pt")
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
-    # ZeRO-3 reads the step and hyperparameters from the nested dict, ZeRO-1/2 the top-level groups and
-    # the version of DeepSpeed that wrote the checkpoint.
-    torch.save({"optimizer_state_dict": {"state": {0: {"step": step if step is not None else 0}},
-                                         "param_groups": groups},
-                "param_groups": groups, "ds_version": states["ds_version"]}, out / "zero" / "optimizer_state.pt")
-    for name in (_MODEL_STATES, "zero_pp_rank_0_" + _MODEL_STATES):
-        shutil.copyfile(path / _MODEL_STATES, out / name)
-
-
-def _load_universal_replicated(engine, universal: Path) -> dict[str, Any]:
-    """Load a universal checkpoint into a stage-0 engine (DeepSpeed only loads it into ZeRO engines):
-    whole weights and Adam states per parameter name, then the scheduler, counters and client state
-    from the model-states file. Frozen parameters keep the values the model was loaded with."""
-    optimizer = engine.optimizer
-    zero = universal / "zero"
-    global_state = _load(zero / "optimizer_state.pt")
-    nested = global_state.get("optimizer_state_dict", {})
-    groups = global_state.get("param_groups") or nested.get("param_groups")
-    names = optimizer_param_names(engine)
-    params = dict(engine.module.named_parameters())
-    state: dict[int, dict[str, Any]] = {}
-    with torch.no_grad():
-        for index, name in enumerate(names):
-            folder = zero / name
-            if not folder.is_dir():
-                raise RuntimeError(f"universal checkpoint {universal} has no state for parameter {name!r}")
-            param = params[name]
-
-            def read(key: str) -> torch.Tensor:
-                saved = _load(folder / f"{key}.pt")
-                saved = saved["param"] if isinstance(saved, dict) else saved  # ZeRO-3's files hold the bare tensor
-                return saved.view(param.shape).to(param.device)
-
-            param.copy_(read("fp32"))
-            step = _load(folder / "step.pt") if (folder / "step.pt").exists() \
-                else nested["state"][0]["step"]
-            state[index] = {"step": torch.as_tensor(step, dtype=torch.float32).clone(), "exp_avg": read("exp_avg"),
-                            "exp_avg_sq": read("exp_avg_sq")}
-    live = optimizer.state_dict()["param_groups"]
-    loaded = [{**saved, "params": group["params"]} for saved, group in zip(groups, live)]
-    optimizer.load_state_dict({"state": state, "param_groups": loaded})
-
-    model_states = sorted(universal.glob("*" + _MODEL_STATES))[0]
-    checkpoint = _load(model_states)
-    if engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    engine.global_steps = checkpoint["global_steps"]
-    engine.global_samples = checkpoint.get("global_samples", engine.global_steps * engine.train_batch_size())
-    engine.skipped_steps = checkpoint["skipped_steps"]
-    deepspeed_keys = {"module", "optimizer", "lr_scheduler", "skipped_steps", "global_steps", "global_samples",
-                      "dp_world_size", "mp_world_size", "data_sampler", "random_ltd"}
-    return {k: v for k, v in checkpoint.items() if k not in deepspeed_keys}
 
 
 def consolidated_state_dict(engine) -> Optional[dict[str, torch.Tensor]]:
@@ -641,7 +514,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, trust_rem
     model_path = resolve_model_path(args.model_name_or_path)
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     if is_replicated_checkpoint(path):  # the whole weights are in the model-states file
-        full = _load(path / _MODEL_STATES)["module"]
+        full = read_state(path / MODEL_STATES)["module"]
         full = {k: v.float() for k, v in full.items()}
     else:
         with safe_loading():

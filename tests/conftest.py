@@ -47,13 +47,17 @@ def remove_own_shm_buffers():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s, or starts a launcher or several ranks; runs "
+                                       "after the fast tests; scripts/test.sh --fast leaves it out")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one); scripts/gpu_check.sh runs "
                                        "them all with -m gpu")
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip, with the reason, where torch sees no CUDA GPU (CI, the CPU dry run)."""
+    """The fast tests run first, the `slow` ones after them (each group in file order), so a broken unit
+    fails within minutes of a full run. `gpu` tests skip, with the reason, where torch sees no CUDA GPU
+    (CI, the CPU dry run)."""
+    items.sort(key=lambda item: "slow" in item.keywords)  # stable: file order within each group
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

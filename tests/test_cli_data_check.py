@@ -24,6 +24,7 @@ def write_jsonl(path, rows):
 GOOD = {"prompt": "one two three four five six seven eight nine ten", "chosen": " yes", "rejected": " no"}
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_json_report_with_training_flag_overrides(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"prompt": "Hi", "chosen": " a", "rejected": " a"},
                                                {"prompt": "Hi", "chosen": " hello", "rejected": " bye"}])
@@ -37,6 +38,7 @@ def test_json_report_with_training_flag_overrides(tmp_path):
     assert report["lengths"]["prompt"]["max"] == 1  # "Hi"
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_bad_rows_exit_non_zero_with_the_message_and_no_traceback(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"prompt": "Hi", "chosen": "", "rejected": " no"}])
     result = data_check("--dataset", path, "--model", "builtin", "--dataset_test_split=none")
@@ -60,6 +62,7 @@ def test_text_report_shows_examples_with_the_boundary(tmp_path, capsys):
     assert " five six seven eight nine ten[[COMPLETION]] no<|im_end|>" in lines
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_builtin_dataset_and_model_keep_every_row():
     result = data_check("--dataset", "builtin", "--model", "builtin", "--json", "--eval_strategy", "steps")
     assert result.returncode == 0, result.stderr

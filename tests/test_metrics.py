@@ -81,6 +81,7 @@ def _worker(rank, world_size, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts two ranks
 def test_two_rank_reduction_is_globally_weighted(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):

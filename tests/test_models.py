@@ -402,5 +402,7 @@ def test_chat_template_hub_id_is_accepted_and_fails_clearly_offline(monkeypatch)
     """TRL takes a hub id (a model whose template is borrowed); offline, the error names the key and the id."""
     config = args(chat_template_path="HuggingFaceTB/SmolLM3-3B")  # no "expected an existing file"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable at import: without its constant too, it retries the network for ~45 s.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="chat_template_path 'HuggingFaceTB/SmolLM3-3B' is neither"):
         load_tokenizer("builtin", config)

@@ -64,6 +64,7 @@ def test_bad_training_input_stops_before_any_run(tmp_path, capsys):
     assert cli_main(["sweep", "--help"]) == 0 and "results.png" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_run_measured_sees_a_grandchild_peak_and_kills_the_tree_on_timeout(tmp_path):
     # The grandchild touches 300 MiB; its parent stays small: the recorded peak is the grandchild's.
     grandchild = "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"

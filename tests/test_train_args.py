@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dpo_ds.config import DPOConfig
@@ -31,6 +32,7 @@ def test_no_run_arguments_is_the_embedded_default():
         assert sources["max_steps"] == str(DEFAULT_CONFIG)
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_train_py_prints_where_each_non_default_value_came_from(tmp_path):
     run = tmp_path / "run.yaml"
     run.write_text("beta: 0.25\n")

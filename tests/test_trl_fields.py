@@ -57,6 +57,9 @@ def test_docs_table_lists_every_key_with_its_class():
     expected.update({name: "b" for name in NO_EFFECT})
     expected.update({name: "c" for name in REFUSED})
     assert rows == expected
+    texts = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| a \| (.*) \|$", text, flags=re.M))
+    for name in set(texts) & OURS:  # an option's row repeats its documentation (--help's text)
+        assert texts[name] == field_docs()[name], name
     assert "docs/trl_fields.md" in (REPO / "README.md").read_text()
 
 

@@ -479,7 +479,7 @@ class DPOTrainer:
         if resume is not None:
             client = checkpoint.load(policy, resume)
             self.reference.load(resume)
-            self.state.update({k: client.get(k, v) for k, v in self.state.items()})  # older: no skipped
+            self.state.update({k: client[k] for k in self.state})
             if self.metric_scheduler is not None and "metric_scheduler" in client:
                 self.metric_scheduler.load_state_dict(client["metric_scheduler"])
             _set_rng_state(client["rng"])

@@ -454,6 +454,9 @@ class DPOConfig(TRLKeys):
                 interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
                 _fail(name, value, f"a number in {interval}")
         self._check_mixture()
+        if any("," in name for name in self.lora_target_modules or []):  # a comma-joined list, not a module name
+            _fail("lora_target_modules", self.lora_target_modules,
+                  "module names as a YAML list or space-separated flags (--lora_target_modules q_proj v_proj)")
         if len(self.report_to) > 1 and {"none", "all"} & set(self.report_to):
             _fail("report_to", self.report_to, "either none or all alone, or a list of tensorboard, wandb, trackio")
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):

@@ -165,6 +165,8 @@ def test_list_flags_space_separated_and_yaml_lists(tmp_path):
     path = write_yaml(tmp_path, {"lora_target_modules": "all-linear"}, "one.yaml")  # one word: a one-item list
     assert parse_args(["--config", path]).lora_target_modules == ["all-linear"]
     assert parse_args(["--lora_target_modules", "none"]).lora_target_modules is None
+    with pytest.raises(ConfigError, match=r"\['q_proj,v_proj'\]: expected module names as a YAML list"):
+        parse_args(["--lora_target_modules", "q_proj,v_proj"])
     assert parse_args(["--report_to", "tensorboard", "wandb"]).report_to == ["tensorboard", "wandb"]
     assert parse_args(["--report_to", "none"]).report_to == []
     assert parse_args(["--report_to", "all"]).report_to == ["all"]  # every installed tracker (dpo_ds.metrics)

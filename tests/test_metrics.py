@@ -284,7 +284,8 @@ def test_trainer_logs_mfu_and_per_device_throughput(tmp_path, tiny_model_dir, bu
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps({"prompt": "Is water wet?", "chosen": " yes", "rejected": " no"}) + "\n"
                             for _ in range(16)))
-    run_train(tmp_path, tiny_model_dir, "--max_steps", "2", "--save_steps", "none", "--peak_tflops", "1e-6")
+    run_train(tmp_path, tiny_model_dir, "--max_steps", "2", "--save_steps", "none", "--peak_tflops", "1e-6",
+              "--gradient_checkpointing", "false")  # no recompute: the hand count below
     rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 2
     for row in rows:

@@ -127,7 +127,7 @@ def test_qlora_loads_4bit_base_with_adapters_in_the_compute_dtype(tiny_model_dir
 def test_zero3_lora_with_checkpointing_trains_and_exports_adapter_and_merged_model(tmp_path, tiny_model_dir):
     run_train(tmp_path, tiny_model_dir, "--deepspeed", str(Path(__file__).parent.parent / "ds_configs" / "zero3.json"),
               "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
-              "--lora_target_modules", "q_proj,v_proj,up_proj", "--gradient_checkpointing", "true",
+              "--lora_target_modules", "q_proj", "v_proj", "up_proj", "--gradient_checkpointing", "true",
               "--learning_rate", "3e-2", "--max_steps", "4", "--save_steps", "none")
     rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # adapters start at zero: policy == reference

@@ -229,7 +229,7 @@ def probe(model_dir: str, data: str, out: str) -> None:
                          eval_fraction=0.2, output_dir=f"{out}/{name}", per_device_train_batch_size=2,
                          per_device_eval_batch_size=3, max_length=48, max_prompt_length=32, learning_rate=3e-3,
                          logging_steps=1, lr_scheduler_type="constant", disable_tqdm=True, max_steps=3,
-                         save_steps=None, eval_steps=100, deepspeed=str(ROOT / "ds_configs" / "zero3.json"),
+                         save_steps=None, eval_strategy="steps", eval_steps=100, deepspeed=str(ROOT / "ds_configs" / "zero3.json"),
                          ref_zero_stage=3, ref_offload="cpu", **kw)
 
     def models() -> int:

@@ -5,6 +5,7 @@ converter's files, so a converter that drops, reorders or mis-shapes a state fai
 from __future__ import annotations
 
 import json
+import os
 
 import deepspeed
 import pytest
@@ -20,8 +21,15 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_rank_group():
-    """A one-rank gloo group in this process, as `DPOTrainer` creates it without a launcher."""
+    """A one-rank gloo group in this process, as `DPOTrainer` creates it without a launcher; afterwards
+    the group is destroyed and the environment restored, or every later subprocess test would inherit
+    this process's MASTER_PORT (still listened on) and fail to bind it."""
+    saved = dict(os.environ)
     distributed.init(timeout_s=120)
+    yield
+    distributed.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def make_engine(stage: int, seed: int):

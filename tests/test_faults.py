@@ -386,9 +386,16 @@ def test_sigterm_during_data_preparation_exits_75_with_nothing_saved(tmp_path, t
 @pytest.mark.slow
 def test_sigterm_during_reference_precomputation_saves_the_parts_so_far(tmp_path, tiny_model_dir):
     cache = tmp_path / "cache"
-    code, output = signal_during(tmp_path, tiny_model_dir, lambda out: "precomputing reference log-probs" in out,
-                                 "--max_steps", "2", "--precompute_ref_log_probs", "true",
-                                 "--precompute_ref_batch_size", "1", "--ref_cache_dir", str(cache), rows=1500)
+    started = []
+
+    def some_rows_done(out: str) -> bool:  # 2 s into the pass: some batches done, far from all 1500 rows
+        if not started and "precomputing reference log-probs" in out:
+            started.append(time.monotonic())
+        return bool(started) and time.monotonic() - started[0] > 2
+
+    code, output = signal_during(tmp_path, tiny_model_dir, some_rows_done, "--max_steps", "2",
+                                 "--precompute_ref_log_probs", "true", "--precompute_ref_batch_size", "1",
+                                 "--ref_cache_dir", str(cache), rows=1500)
     assert code == 75, output[-3000:]
     assert "got SIGTERM; saving the reference cache so far and stopping after the current batch" in output
     assert "dpo_ds: stopped the reference precomputation into " in output

@@ -3,14 +3,14 @@
 The C++/CUDA log-prob kernels in csrc/ are compiled on first use (see
 dpo_ds/ops); installation never needs a compiler.
 """
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="dpo_ds",
     version="0.1.0",
     description="DeepSpeed-native DPO trainer and its loss family",
     python_requires=">=3.10",
-    packages=find_packages(include=["dpo_ds", "dpo_ds.*"]),
+    packages=find_namespace_packages(include=["dpo_ds", "dpo_ds.*"]),  # data folders too
     package_data={"dpo_ds": ["builtin/*.jsonl", "templates/*.jinja", "ds_configs/*.json"]},
     include_package_data=True,
     install_requires=[

@@ -115,6 +115,19 @@ def _read_chat_template(template_path: str) -> str:
     return template
 
 
+def _import_model_classes(config: PretrainedConfig) -> None:
+    """Import the model classes of `config` and its sub-configs (a VLM's text and vision models) before
+    `from_pretrained`, so not inside ZeRO-3's `zero.Init`: on exit that resets the `__init__` of every
+    module class created within it to the class's own, undoing the wrapper that the `kernels` package
+    (when installed) puts on decorated layers; their forward then fails ("no attribute '_kernel_funcs'")."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    configs = [config, *(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))]
+    for sub in configs:
+        if sub is not None and type(sub) in MODEL_MAPPING:
+            MODEL_MAPPING[type(sub)]  # the lookup imports the class's module
+
+
 def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: Any = None) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained` with `args.model_init_kwargs`, TRL-style
     (`AutoModelForImageTextToText` for a vision-language model).
@@ -138,8 +151,12 @@ def load_model(name_or_path: str | PreTrainedModel, args: Any = None, *, dtype: 
         if getattr(args, "load_in_4bit", False):
             kwargs["quantization_config"] = _nf4_config(kwargs["dtype"])
         source, extra = _from_pretrained_source(resolve_model_path(name_or_path))
-        auto = AutoModelForCausalLM if extra else vision.auto_model_class(AutoConfig.from_pretrained(
-            source, **{k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}))
+        auto = AutoModelForCausalLM
+        if not extra:
+            config = AutoConfig.from_pretrained(
+                source, **{k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs})
+            auto = vision.auto_model_class(config)
+            _import_model_classes(config)
         model = auto.from_pretrained(source, **extra, **kwargs)
         if extra:
             _drop_gguf_quantizer(model)

@@ -367,7 +367,8 @@ class DPOConfig(TRLKeys):
             value = getattr(self, name)
             if name == "local_rank":  # the launcher's; the rank comes from the environment
                 self.local_rank = default
-            if value == default or name == "local_rank":
+                continue
+            if value == default:
                 continue
             if name in REFUSED:
                 raise ConfigError(f"{name}={value!r} is not supported: {REFUSED[name][1]}", name)

@@ -20,10 +20,8 @@ from typing import Any, Callable, Optional
 import yaml
 from transformers import HfArgumentParser
 
-from transformers.hf_argparser import string_to_bool
-
 from .config import ConfigError, DPOConfig, field_docs, unknown_key
-from .trl_fields import ALIASES, NO_EFFECT, REFUSED, TRL_ONLY_DEFAULTS, no_effect_note
+from .trl_fields import ALIASES, NO_EFFECT, REFUSED, TRL_ONLY_DEFAULTS
 
 DEFAULT, COMMAND_LINE = "default", "command line"
 
@@ -60,7 +58,6 @@ class ConfigParser(HfArgumentParser):
         reasons = {**{k: f"Sets {t}" + (f"[{key!r}]" if key else "") + "." for k, (t, key) in ALIASES.items()},
                    **{k: f"No effect: {why}." for k, (_, why) in NO_EFFECT.items()},
                    **{k: f"Only TRL's default ({d!r}): {why}." for k, (d, why) in REFUSED.items()}}
-        self.notes: list[str] = []
         hints, docs = typing.get_type_hints(DPOConfig), field_docs()
         fields = {f.name: f for f in dataclasses.fields(DPOConfig)}
         for action in list(self._actions):
@@ -141,7 +138,6 @@ class ConfigParser(HfArgumentParser):
             if not where:
                 raise
             raise ConfigError(f"{err} ({'; '.join(where)})", *err.keys) from None
-        self.notes = [no_effect_note(k, getattr(config, k), sources[k]) for k in config.no_effect_keys]
         sources["local_rank"] = DEFAULT  # the launcher's, reset by DPOConfig
         for alias, (target, _) in ALIASES.items():
             if sources[alias] != DEFAULT:

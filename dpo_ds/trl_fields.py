@@ -140,6 +140,6 @@ TRLKeys = dataclasses.make_dataclass(
                "__doc__": "TRL/transformers keys that are not DPOConfig options (see this module's docstring)."})
 
 
-def no_effect_note(name: str, value: Any, where: str = "") -> str:
+def no_effect_note(name: str, value: Any) -> str:
     """The warning line of a NO_EFFECT key set away from TRL's default."""
-    return f"{name}={value!r}{f' ({where})' if where else ''} has no effect in dpo_ds: {NO_EFFECT[name][1]}"
+    return f"{name}={value!r} has no effect in dpo_ds: {NO_EFFECT[name][1]}"

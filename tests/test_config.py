@@ -19,7 +19,7 @@ from dpo_ds.ds_config import (
     reference_deepspeed_config,
     reference_setup,
 )
-from dpo_ds.parser import ConfigParser, parse_args, parse_known
+from dpo_ds.parser import parse_args, parse_known
 from dpo_ds.trl_fields import TRL_ONLY_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
